@@ -101,7 +101,8 @@ class SVDLayer(nn.Module):
         s, u, vh = self.coefficients, self.basis_u, self.basis_vh
         key = (s.data_ptr(), s._version, u.data_ptr(), u._version, vh.data_ptr(), vh._version, s.device, s.dtype)
         if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
+            # a normal tensor even under torch.inference_mode, so later autograd calls may still use it
+            with torch.inference_mode(False), torch.no_grad():
                 self._cache = (key, self.merged_weight())
         return self._cache[1]
 
@@ -223,10 +224,11 @@ class SVDConv2d(SVDLayer):
         return F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode), 0
 
     def _tokens(self, x: torch.Tensor) -> int:
-        if isinstance(self.padding, str):  # "same" keeps the size at stride 1 (the only stride it allows)
+        if self.padding == "same":  # keeps the size (PyTorch allows it at stride 1 only)
             return x.numel() // x.shape[-3]
+        padding = (0, 0) if self.padding == "valid" else self.padding
         size = 1
-        for dim, (k, s, p, d) in enumerate(zip(self.kernel_size, self.stride, self.padding, self.dilation)):
+        for dim, (k, s, p, d) in enumerate(zip(self.kernel_size, self.stride, padding, self.dilation)):
             size *= (x.shape[-2 + dim] + 2 * p - d * (k - 1) - 1) // s + 1
         return size * (x.numel() // (x.shape[-1] * x.shape[-2] * x.shape[-3]))
 

@@ -154,3 +154,22 @@ def test_apply_and_merge_round_trip_keeps_keys_and_outputs():
 def test_invalid_form_is_one_sentence():
     with pytest.raises(ValueError, match="form must be one of"):
         SVDLinear.from_linear(nn.Linear(2, 2), form="lowrank")
+
+
+def test_weight_cached_under_inference_mode_serves_later_autograd():
+    module, x = _layer("linear")
+    layer = SVDLinear.from_linear(module).eval()
+    layer.coefficients.requires_grad_(False)
+    with torch.inference_mode():
+        layer(x.detach())
+    out = layer(x)  # grad enabled, frozen coefficients, input needs grad: uses the cached weight
+    out.sum().backward()
+    assert x.grad is not None
+
+
+@pytest.mark.parametrize("padding, tokens", [("valid", 36), ("same", 100), (1, 64)])
+def test_conv_token_count_follows_padding(padding, tokens):
+    layer = SVDConv2d.from_conv(nn.Conv2d(2, 3, 5 if padding != 1 else 3, padding=padding))
+    x = torch.randn(1, 2, 10, 10) if padding != 1 else torch.randn(1, 2, 8, 8)
+    assert layer._tokens(x) == tokens
+    assert layer(x).shape[-2:].numel() == tokens
