@@ -1,0 +1,30 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""scripts/benchmark_layers.py runs as a command: table out, one-sentence error and non-zero exit on bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_layers.py"
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
+
+
+def test_benchmark_layers_smoke_run_writes_the_table(tmp_path):
+    out = tmp_path / "table.md"
+    result = _run("--shapes", "neck.0", "--tokens", "256", "--repeats", "1", "--warmup", "0", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    table = out.read_text()
+    assert "| `neck.0` | Conv2d 768->256 k1, no bias |" in table
+    assert "official factored" in table and "ours (eval)" in table and "merged" in table
+
+
+def test_benchmark_layers_help_and_bad_selection():
+    assert _run("--help").returncode == 0
+    result = _run("--shapes", "nope")
+    assert result.returncode == 1
+    assert "matches no layer" in result.stderr
