@@ -8,13 +8,33 @@ from samparser_monai.data.datalists import (
     msd_datalist,
     split_by_case,
 )
+from samparser_monai.data.demo import DEMO_DATASET, make_demo_dataset
+from samparser_monai.data.dicom import (
+    DicomError,
+    DicomSeriesReader,
+    load_dicom_seg_label,
+    read_dicom_seg,
+    read_dicom_series,
+    sitk_to_ras_affine,
+)
+from samparser_monai.data.dicom_datalist import LoadDicomSegd, dicom_datalist
 from samparser_monai.data.slice_dataset import SliceDataset
 
 __all__ = [
+    "DEMO_DATASET",
+    "DicomError",
+    "DicomSeriesReader",
+    "LoadDicomSegd",
     "SliceDataset",
     "case_id",
+    "dicom_datalist",
     "folder_datalist",
     "image_folder_datalist",
+    "load_dicom_seg_label",
+    "make_demo_dataset",
     "msd_datalist",
+    "read_dicom_seg",
+    "read_dicom_series",
+    "sitk_to_ras_affine",
     "split_by_case",
 ]

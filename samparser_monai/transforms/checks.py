@@ -33,6 +33,7 @@ class CheckVolumePaird(MapTransform):
         spatial_dims: expected spatial dimensions (3 for volumes, 2 for 2D images).
         atol: tolerance on the affines, in mm.
         allow_missing_keys: accept items without a label.
+        check_channels: require a single channel (volumes); off for 2D photographs (RGB) and their masks.
 
     Raises:
         ValueError: a 4D (multi-channel or time series) image where one volume is expected, or an image/label pair
@@ -46,14 +47,15 @@ class CheckVolumePaird(MapTransform):
         spatial_dims: int = 3,
         atol: float = 1e-3,
         allow_missing_keys: bool = False,
+        check_channels: bool = True,
     ) -> None:
         super().__init__([image_key, label_key], allow_missing_keys)
         self.image_key, self.label_key = image_key, label_key
-        self.spatial_dims, self.atol = spatial_dims, atol
+        self.spatial_dims, self.atol, self.check_channels = spatial_dims, atol, check_channels
 
     def _check_single(self, img: torch.Tensor | np.ndarray, key: str) -> None:
         shape = tuple(img.shape)
-        if len(shape) != self.spatial_dims + 1 or shape[0] != 1:
+        if len(shape) != self.spatial_dims + 1 or (self.check_channels and shape[0] != 1):
             raise ValueError(
                 f"'{source_name(img, key)}' has shape {shape} (channel first): expected one {self.spatial_dims}D "
                 "volume with a single channel; split multi-channel or 4D data into one file per volume first."

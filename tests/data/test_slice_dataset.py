@@ -23,7 +23,7 @@ def _volume_transform() -> Compose:
         [
             LoadImaged(keys=KEYS, ensure_channel_first=True, image_only=True),
             CheckVolumePaird(),
-            Orientationd(keys=KEYS, axcodes="RAS"),
+            Orientationd(keys=KEYS, axcodes="RAS", labels=None),
         ]
     )
 

@@ -1,0 +1,41 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Checkpoint objects for MONAI's CheckpointSaver / CheckpointLoader that hold only what was trained."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from samparser_monai.networks.state import coefficient_state, load_coefficient_state
+
+__all__ = ["TrainableState"]
+
+
+class TrainableState:
+    """Presents a SamParser's coefficient state through ``state_dict`` / ``load_state_dict``.
+
+    Use it in bundle configs in place of the network: ``"save_dict": {"model": "$TrainableState(@network)", ...}``.
+    The checkpoint then holds the coefficients and the other trained tensors plus the base checkpoint's sha256, not
+    the frozen encoder; loading it onto a model of another base is refused with one sentence.
+
+    Args:
+        network: a SamParser, or a DistributedDataParallel wrapper of one.
+    """
+
+    def __init__(self, network: nn.Module) -> None:
+        self.network = network
+
+    @property
+    def model(self) -> nn.Module:
+        """The SamParser (unwrapped from DDP)."""
+        return getattr(self.network, "module", self.network)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The coefficient state (see :func:`~samparser_monai.networks.coefficient_state`)."""
+        return coefficient_state(self.model)
+
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
+        """Load a coefficient state onto the network (``strict`` is accepted for ignite and ignored)."""
+        load_coefficient_state(self.model, state)

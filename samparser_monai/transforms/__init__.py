@@ -1,0 +1,45 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Transforms: intensity presets to [0, 1], box prompts from label maps, and SAM's resize-longest-side + pad."""
+
+from samparser_monai.transforms.checks import CheckVolumePaird
+from samparser_monai.transforms.intensity import (
+    CT_WINDOWS,
+    INTENSITY_PRESETS,
+    CTWindowd,
+    GreyToRGBd,
+    IntensityPresetd,
+    PercentileNormalized,
+)
+from samparser_monai.transforms.pipelines import image_2d_transforms, slice_transforms, volume_transforms
+from samparser_monai.transforms.prompts import BOX_MODES, BoxPromptd, jitter_box, mask_to_box
+from samparser_monai.transforms.spatial import (
+    RESIZE_MODES,
+    ResizeLongestPadd,
+    resize_longest_pad,
+    resized_size,
+    scale_box,
+    undo_resize_longest_pad,
+)
+
+__all__ = [
+    "BOX_MODES",
+    "CT_WINDOWS",
+    "INTENSITY_PRESETS",
+    "RESIZE_MODES",
+    "BoxPromptd",
+    "CTWindowd",
+    "CheckVolumePaird",
+    "GreyToRGBd",
+    "IntensityPresetd",
+    "PercentileNormalized",
+    "ResizeLongestPadd",
+    "image_2d_transforms",
+    "jitter_box",
+    "mask_to_box",
+    "resize_longest_pad",
+    "resized_size",
+    "scale_box",
+    "slice_transforms",
+    "undo_resize_longest_pad",
+    "volume_transforms",
+]

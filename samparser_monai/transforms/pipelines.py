@@ -1,0 +1,104 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Ready-made transform chains, so a bundle config declares a dataset in a few lines."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from monai.data import ImageReader
+from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, ScaleIntensityRanged
+
+from samparser_monai.transforms.checks import CheckVolumePaird
+from samparser_monai.transforms.intensity import IntensityPresetd
+from samparser_monai.transforms.prompts import BoxPromptd
+from samparser_monai.transforms.spatial import ResizeLongestPadd
+
+__all__ = ["image_2d_transforms", "slice_transforms", "volume_transforms"]
+
+
+def volume_transforms(
+    intensity: str = "mr",
+    axcodes: str = "RAS",
+    reader: ImageReader | str | None = None,
+    keys: Sequence[str] = ("image", "label"),
+    label_format: str = "image",
+) -> Compose:
+    """Load, check, orient and normalise a 3D image/label pair: the cached, deterministic part of training.
+
+    Args:
+        intensity: an :data:`~samparser_monai.transforms.INTENSITY_PRESETS` name (``"mr"``, ``"ct_abdomen"``, ...).
+        axcodes: orientation of the volumes (``"RAS"``: axis 2 runs inferior to superior, axial slices).
+        reader: a MONAI image reader (e.g. :class:`~samparser_monai.data.DicomSeriesReader`), default by suffix.
+        keys: image key first, then the label key (omit it for images without labels).
+        label_format: ``"image"`` (a label map file MONAI can read) or ``"dicom_seg"`` (a DICOM-SEG object drawn on
+            the image's DICOM series, see :func:`~samparser_monai.data.dicom_datalist`).
+    """
+    keys = list(keys)
+    if label_format not in ("image", "dicom_seg"):
+        raise ValueError(f"label_format must be 'image' or 'dicom_seg', got {label_format!r}.")
+    if label_format == "dicom_seg":
+        from samparser_monai.data.dicom_datalist import LoadDicomSegd
+
+        loading = [
+            LoadDicomSegd(keys[1], keys[0]),
+            LoadImaged(keys=keys[0], reader=reader, ensure_channel_first=True, image_only=True),
+        ]
+    else:
+        loading = [LoadImaged(keys=keys, reader=reader, ensure_channel_first=True, image_only=True)]
+    return Compose(
+        [
+            *loading,
+            CheckVolumePaird(keys[0], keys[1] if len(keys) > 1 else "label", allow_missing_keys=len(keys) == 1),
+            Orientationd(keys=keys, axcodes=axcodes, labels=None),
+            IntensityPresetd(keys=keys[0], preset=intensity),
+            EnsureTyped(keys=keys, track_meta=True),
+        ]
+    )
+
+
+def slice_transforms(
+    spatial_size: int, jitter: float = 0.1, jitter_mode: str = "fraction", empty_box: str = "random"
+) -> Compose:
+    """Box prompt from the 2D target (with jitter) and SAM's resize-longest-side + pad to ``spatial_size``."""
+    return Compose(
+        [
+            BoxPromptd(keys="label", jitter=jitter, jitter_mode=jitter_mode, per="mask", empty_box=empty_box),
+            ResizeLongestPadd(keys=["image", "label"], spatial_size=spatial_size, mode=["bilinear", "nearest-exact"]),
+        ]
+    )
+
+
+def image_2d_transforms(
+    spatial_size: int, jitter: float = 0.1, jitter_mode: str = "fraction", intensity: str = "uint8"
+) -> Compose:
+    """2D photographs or slices with binary masks (PNG/JPG, mask values 0/255): load, scale, binarise, prompt, resize.
+
+    Args:
+        spatial_size: the backbone's input side.
+        jitter: box jitter, ``jitter_mode``: see :class:`~samparser_monai.transforms.BoxPromptd`.
+        intensity: ``"uint8"`` divides 8-bit images by 255; any intensity preset name applies that preset.
+    """
+    scale = (
+        ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
+        if intensity == "uint8"
+        else IntensityPresetd(keys="image", preset=intensity)
+    )
+    return Compose(
+        [
+            LoadImaged(keys=["image", "label"], ensure_channel_first=True, image_only=True),
+            CheckVolumePaird(spatial_dims=2, allow_missing_keys=True, check_channels=False),
+            scale,
+            _Binarised(),
+            slice_transforms(spatial_size, jitter, jitter_mode, empty_box="none"),
+        ]
+    )
+
+
+class _Binarised:
+    """``label > 0`` as float32 (2D masks are stored 0/255; an RGB mask counts any channel)."""
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        label = d["label"]
+        d["label"] = (label > 0).any(dim=0, keepdim=True).float()
+        return d
