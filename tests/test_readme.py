@@ -21,7 +21,8 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     commands = _commands()
     assert len(commands) == 2, commands
     install, test = commands
-    assert "torch==2.14.1 torchvision==0.29.1" in install and install.endswith("samparser-demo")
+    assert "torch==2.14.1 torchvision==0.29.1" in install
+    assert "python -m monai.bundle run training --meta_file bundle/configs/metadata.json" in install
     assert test in (ROOT / ".ci" / "run").read_text().splitlines()
 
 

@@ -157,6 +157,7 @@ class SamParser(nn.Module):
         All B x N prompts are decoded in one batched pass of the mask decoder (no loop over images or prompts).
         """
         h, w = int(image_size[0]), int(image_size[1])
+        box = torch.as_tensor(box, dtype=torch.float32, device=embeddings.device)
         if box.ndim == 2:
             box = box[:, None]
         if box.ndim != 3 or box.shape[-1] != 4 or box.shape[0] != embeddings.shape[0]:
@@ -166,7 +167,7 @@ class SamParser(nn.Module):
         b, n = box.shape[:2]
         rh, rw = self._resized(h, w)
         scale = torch.tensor([rw / w, rh / h, rw / w, rh / h], device=box.device, dtype=torch.float32)
-        sparse, dense = self.prompt_encoder(points=None, boxes=box.reshape(b * n, 4).float() * scale, masks=None)
+        sparse, dense = self.prompt_encoder(points=None, boxes=box.reshape(b * n, 4) * scale, masks=None)
         low_res = self._decode_masks(embeddings, sparse, dense, n)
         masks = F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         masks = masks[..., :rh, :rw]

@@ -64,7 +64,7 @@ def load_coefficient_state(model: nn.Module, state: Mapping[str, Any] | str | os
     Raises:
         ValueError: not a coefficient state, another base checkpoint or backbone, or other coefficient targets.
     """
-    source = "the coefficient state"
+    source = "This coefficient state"
     if isinstance(state, (str, os.PathLike)):
         source = f"'{os.fspath(state)}'"
         state = torch.load(os.fspath(state), map_location="cpu", weights_only=True)

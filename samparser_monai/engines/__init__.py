@@ -1,0 +1,35 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Engines: slice-wise 3D inference with box prompts, metrics, checkpoint objects and bundle helpers."""
+
+from samparser_monai.engines.checkpoint import TrainableState
+from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
+from samparser_monai.engines.metrics import SliceDiceMetric
+from samparser_monai.engines.slice_inference import (
+    LabelBoxSliceInferer,
+    SlicePrompts,
+    label_box_prompts,
+    predict_volume,
+)
+from samparser_monai.engines.workflow import (
+    DATASET_FORMATS,
+    RunReport,
+    bundle_datalists,
+    dataset_label_names,
+    latest_checkpoint,
+)
+
+__all__ = [
+    "DATASET_FORMATS",
+    "CaseMetricsWriter",
+    "LabelBoxSliceInferer",
+    "RunReport",
+    "SliceDiceMetric",
+    "SlicePrompts",
+    "TrainableState",
+    "bundle_datalists",
+    "case_metrics",
+    "dataset_label_names",
+    "label_box_prompts",
+    "latest_checkpoint",
+    "predict_volume",
+]

@@ -1,0 +1,130 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Small pieces the bundle configs call: datalists by dataset format, the checkpoint to resume, the run report."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+from ignite.engine import Engine, Events
+
+from samparser_monai.data.datalists import folder_datalist, image_folder_datalist, msd_datalist, split_by_case
+from samparser_monai.data.demo import DEMO_DATASET, make_demo_dataset
+from samparser_monai.data.dicom_datalist import dicom_datalist
+
+__all__ = ["DATASET_FORMATS", "RunReport", "bundle_datalists", "dataset_label_names", "latest_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+#: ``dataset_format`` values of the bundle and the datalist each one reads from ``dataset_dir``.
+DATASET_FORMATS = ("msd", "folders", "images_2d", "dicom")
+
+
+def bundle_datalists(
+    dataset_dir: str | os.PathLike,
+    dataset_format: str = "msd",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    demo_dir: str | os.PathLike | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Training and validation items of ``dataset_dir``, split by case.
+
+    Args:
+        dataset_dir: the data folder, or ``"demo"`` for the generated demo dataset (written once to ``demo_dir``).
+        dataset_format: ``"msd"`` (dataset.json, imagesTr/, labelsTr/), ``"folders"`` (images/ and labels/ with the
+            same file names), ``"images_2d"`` (images/ and masks/, PNG/JPG) or ``"dicom"`` (series folders and their
+            DICOM-SEG objects anywhere below ``dataset_dir``).
+        val_fraction: share of cases for validation.
+        seed: seed of the split.
+        demo_dir: where the demo dataset goes.
+
+    Raises:
+        ValueError: unknown format, or a split that leaves the training or validation side empty.
+        FileNotFoundError: ``dataset_dir`` does not exist (one sentence naming it).
+    """
+    if dataset_format not in DATASET_FORMATS:
+        raise ValueError(f"Unknown dataset_format {dataset_format!r}; use one of {list(DATASET_FORMATS)}.")
+    if str(dataset_dir) == DEMO_DATASET:
+        root = make_demo_dataset(demo_dir or "demo_data")
+        logger.info("Using the generated demo dataset in %s (not medical data).", root)
+        items = msd_datalist(root)
+    else:
+        root = Path(dataset_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(
+                f"dataset_dir '{root}' does not exist: pass --dataset_dir <folder> (or 'demo' for generated data)."
+            )
+        if dataset_format == "msd":
+            items = msd_datalist(root)
+        elif dataset_format == "folders":
+            items = folder_datalist(str(root / "images" / "*"), str(root / "labels" / "*"))
+        elif dataset_format == "images_2d":
+            items = image_folder_datalist(root / "images", root / "masks")
+        else:
+            items = dicom_datalist(root)
+    train, val = split_by_case(items, val_fraction=val_fraction, seed=seed)
+    if not train or not val:
+        raise ValueError(
+            f"{len(items)} items in '{dataset_dir}' give {len(train)} training and {len(val)} validation items: "
+            "a run needs at least two cases."
+        )
+    return train, val
+
+
+def dataset_label_names(dataset_dir: str | os.PathLike, demo_dir: str | os.PathLike | None = None) -> dict[int, str]:
+    """Label id -> name from the ``dataset.json`` of an MSD-layout ``dataset_dir`` (or the demo); empty otherwise."""
+    root = Path(demo_dir or "demo_data") if str(dataset_dir) == DEMO_DATASET else Path(dataset_dir)
+    path = root / "dataset.json"
+    if not path.is_file():
+        return {}
+    labels = json.loads(path.read_text()).get("labels", {})
+    return {int(k): str(v) for k, v in labels.items() if str(k).isdigit() and int(k) != 0}
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike) -> str | None:
+    """The newest ``*checkpoint_epoch=N.pt`` written by the training CheckpointSaver, or None."""
+    found = []
+    for path in glob.glob(os.path.join(ckpt_dir, "*checkpoint_epoch=*.pt")):
+        match = re.search(r"epoch=(\d+)\.pt$", path)
+        if match:
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+class RunReport:
+    """At the end of training, print the best validation score and where the checkpoints are.
+
+    Args:
+        evaluator: the validation evaluator (its ``state.best_metric`` is reported).
+        ckpt_dir: the checkpoint folder.
+        metric_name: name of the key validation metric.
+    """
+
+    def __init__(self, evaluator: Engine | None, ckpt_dir: str, metric_name: str = "val_mean_dice") -> None:
+        self.evaluator, self.ckpt_dir, self.metric_name = evaluator, ckpt_dir, metric_name
+
+    def attach(self, engine: Engine) -> None:
+        """Print the report when ``engine`` completes."""
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        lines = [f"training finished after epoch {engine.state.epoch}"]
+        state = getattr(self.evaluator, "state", None)
+        if state is not None and getattr(state, "best_metric_epoch", -1) > 0:
+            last = state.metrics.get(self.metric_name)
+            lines.append(
+                f"validation {self.metric_name}: best {state.best_metric:.4f} (epoch {state.best_metric_epoch}), "
+                f"last {last:.4f}"
+            )
+            extra = {k: v for k, v in state.metrics.items() if k != self.metric_name}
+            lines += [f"validation {k}: last {v:.4f}" for k, v in extra.items() if isinstance(v, float)]
+        best = os.path.join(self.ckpt_dir, "model.pt")
+        lines.append(f"best checkpoint: {os.path.abspath(best) if os.path.exists(best) else 'none (no validation)'}")
+        latest = latest_checkpoint(self.ckpt_dir)
+        if latest:
+            lines.append(f"latest checkpoint (resume with --resume true): {os.path.abspath(latest)}")
+        print("\n".join(lines), flush=True)

@@ -1,0 +1,114 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""The training bundle as MONAI's ConfigWorkflow runs it (model-zoo style), resume, evaluation and bad input."""
+
+from __future__ import annotations
+
+import csv
+import re
+
+import pytest
+import torch
+from conftest import CONFIGS, tiny_overrides
+from ignite.engine import Events
+from monai.bundle import ConfigWorkflow
+
+from samparser_monai.engines import latest_checkpoint
+from samparser_monai.networks import SamParser, coefficient_state
+
+
+def _workflow(config_files, run_id="training", workflow_type="train", **override) -> ConfigWorkflow:
+    return ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in config_files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        logging_file=str(CONFIGS / "logging.conf"),
+        workflow_type=workflow_type,
+        run_id=run_id,
+        **override,
+    )
+
+
+def _train(tmp_path, dataset, **extra) -> ConfigWorkflow:
+    workflow = _workflow(["train.json"], **tiny_overrides(tmp_path, dataset, **extra))
+    workflow.initialize()
+    assert workflow.check_properties() in (None, [])
+    return workflow
+
+
+def test_one_epoch_saves_only_trainable_state_and_validates(tmp_path, small_dataset):
+    workflow = _train(tmp_path, small_dataset)
+    workflow.run()
+    evaluator = workflow.parser.get_parsed_content("validate#evaluator")
+    assert 0.0 <= evaluator.state.metrics["val_mean_dice"] <= 1.0
+    assert 0.0 <= evaluator.state.metrics["val_slice_dice"] <= 1.0
+    network = workflow.parser.get_parsed_content("network")
+    trainable = {n for n, p in network.named_parameters() if p.requires_grad}
+    ckpt_dir = tmp_path / "bundle" / "models"
+    best = torch.load(ckpt_dir / "model.pt", weights_only=True)  # a single object: saved as the coefficient state
+    latest = torch.load(latest_checkpoint(ckpt_dir), weights_only=True)
+    for state in (best, latest["model"]):
+        assert set(state["state_dict"]) == trainable, "the checkpoint must hold exactly the trainable tensors"
+        assert state["base_sha256"] == network.base_sha256
+    assert latest["trainer"]["iteration"] == latest["trainer"]["epoch_length"] == 2 and "optimizer" in latest
+    workflow.finalize()
+
+
+def test_resume_continues_from_the_saved_epoch(tmp_path, small_dataset):
+    first = _train(tmp_path, small_dataset)
+    first.run()
+    first.finalize()
+    resumed = _train(tmp_path, small_dataset, epochs=2, resume=True)
+    trainer = resumed.parser.get_parsed_content("train#trainer")
+    started = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: started.append(engine.state.epoch))
+    resumed.run()
+    assert started == [2], "epoch 1 was saved: the resumed run must only train epoch 2"
+    assert trainer.state.epoch == 2
+    assert latest_checkpoint(tmp_path / "bundle" / "models").endswith("checkpoint_epoch=2.pt")
+    resumed.finalize()
+
+
+def test_evaluate_writes_per_case_metrics_with_the_jitter(tmp_path, small_dataset):
+    _train(tmp_path, small_dataset).run()
+    override = tiny_overrides(tmp_path, small_dataset, val_box_jitter=0.05)
+    workflow = _workflow(["train.json", "evaluate.json"], run_id="evaluating", workflow_type="infer", **override)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    with open(tmp_path / "bundle" / "eval" / "evaluation" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["label"], r["label_name"]) for r in rows} == {("1", "head"), ("2", "body")}
+    assert len(rows) == 2 and all(r["box_jitter"] == "0.05" for r in rows)
+    assert all(0.0 <= float(r["dice"]) <= 1.0 and float(r["hd95"]) >= 0.0 for r in rows)
+
+
+def _root(err: BaseException) -> BaseException:
+    """MONAI's config parser wraps errors in RuntimeError; the user's sentence is the root cause in the traceback."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def test_bad_inputs_are_one_sentence(tmp_path, small_dataset, tiny_checkpoint):
+    with pytest.raises(RuntimeError) as missing:
+        _train(tmp_path, tmp_path / "nowhere").run()
+    assert isinstance(_root(missing.value), FileNotFoundError)
+    assert "nowhere' does not exist: pass --dataset_dir <folder>" in str(_root(missing.value))
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "dataset.json").write_text('{"training": []}')
+    with pytest.raises(RuntimeError) as empty_list:
+        _train(tmp_path, empty).run()
+    assert "section of" in str(_root(empty_list.value)) and "dataset.json is empty" in str(_root(empty_list.value))
+
+    # a coefficient checkpoint of another base (a tiny SAM from a checkpoint file) must be refused
+    foreign = tmp_path / "foreign.pt"
+    torch.save(coefficient_state(SamParser("tiny", tiny_checkpoint)), foreign)
+    override = tiny_overrides(tmp_path, small_dataset, eval_checkpoint=str(foreign))
+    workflow = _workflow(["train.json", "evaluate.json"], run_id="evaluating", workflow_type="infer", **override)
+    workflow.initialize()
+    with pytest.raises(RuntimeError) as foreign_base:
+        workflow.run()
+    assert re.search(
+        r"was trained on base tiny with sha256 .* build the model from the same base", str(_root(foreign_base.value))
+    )
