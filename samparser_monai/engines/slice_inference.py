@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
@@ -151,4 +152,8 @@ class LabelBoxSliceInferer(Inferer):
                 self.seed,
             )
             outputs.append(predict_volume(network, image, prompts, self.axis, self.batch_size)[None])
-        return torch.stack(outputs).to(inputs.device)
+        out = torch.stack(outputs).to(inputs.device)
+        if isinstance(inputs, MetaTensor):  # keep the input's geometry and history, so Invertd can map it back
+            out = MetaTensor(out, meta=inputs.meta, applied_operations=inputs.applied_operations)
+            out.is_batch = inputs.is_batch
+        return out

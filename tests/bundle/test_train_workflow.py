@@ -112,3 +112,47 @@ def test_bad_inputs_are_one_sentence(tmp_path, small_dataset, tiny_checkpoint):
     assert re.search(
         r"was trained on base tiny with sha256 .* build the model from the same base", str(_root(foreign_base.value))
     )
+
+
+def _oblique_msd(root, n_cases: int = 3):
+    """An MSD-layout folder whose volumes are stored permuted and flipped (Orientationd must act, Invertd undo)."""
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    affine = np.array([[0.0, 0.8, 0.0, -20.0], [-1.2, 0.0, 0.0, 35.0], [0.0, 0.0, 2.5, -7.0], [0.0, 0.0, 0.0, 1.0]])
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    training = []
+    for i in range(n_cases):
+        label = np.zeros((30, 24, 12), np.uint8)
+        label[8 + i : 15 + i, 4:11, 3:9] = 1
+        label[18:24, 12:20, 5:10] = 2
+        name = f"case_{i}.nii.gz"
+        nib.save(nib.Nifti1Image((label * 0.3 + 0.1).astype(np.float32), affine), str(root / "imagesTr" / name))
+        nib.save(nib.Nifti1Image(label, affine), str(root / "labelsTr" / name))
+        training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
+    (root / "dataset.json").write_text(json.dumps({"labels": {"0": "bg", "1": "a", "2": "b"}, "training": training}))
+    return root, affine
+
+
+def test_inference_bundle_writes_label_maps_in_the_input_geometry(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    data, affine = _oblique_msd(tmp_path / "data")
+    _train(tmp_path, data).run()
+    override = {
+        k: v for k, v in tiny_overrides(tmp_path, data).items() if k in ("bundle_root", "dataset_dir", "backbone")
+    }
+    workflow = _workflow(["inference.json"], run_id="run", workflow_type="infer", val_fraction=0.34, **override)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    written = sorted((tmp_path / "bundle" / "eval" / "predictions").glob("*_seg.nii.gz"))
+    assert len(written) == 1
+    source = nib.load(data / "imagesTr" / written[0].name.replace("_seg", ""))
+    output = nib.load(written[0])
+    assert output.shape == source.shape and np.allclose(output.affine, affine, atol=1e-5)
+    assert set(np.unique(output.get_fdata())) <= {0.0, 1.0, 2.0}

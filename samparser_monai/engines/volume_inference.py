@@ -1,0 +1,171 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Batch segmentation of volumes with box prompts: load, orient and normalise, predict slice-wise, invert to the
+input's exact geometry, write, score against a reference, and report every skipped case with its reason."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Invertd, SaveImage
+from torch import nn
+
+from samparser_monai.data.datalists import case_id
+from samparser_monai.engines.evaluation import case_metrics
+from samparser_monai.engines.prompts_3d import box_to_oriented_voxels, json_box_prompts, propagate_box
+from samparser_monai.engines.slice_inference import SlicePrompts, label_box_prompts, predict_volume
+from samparser_monai.transforms.pipelines import volume_transforms
+
+__all__ = ["PROMPT_SOURCES", "CaseOutcome", "VolumeSegmenter"]
+
+logger = logging.getLogger(__name__)
+
+#: Prompt sources of a run: boxes from a reference label map, 3D boxes from JSON, or one key-slice box propagated.
+PROMPT_SOURCES = ("label", "boxes", "propagate")
+
+
+@dataclass
+class CaseOutcome:
+    """What happened to one case."""
+
+    case: str
+    image: str
+    status: str = "ok"
+    reason: str = ""
+    output: str = ""
+    slices: int = 0
+    seconds: float = 0.0
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _root_message(err: BaseException) -> str:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+
+
+class VolumeSegmenter:
+    """Segments volumes case by case with one of the :data:`PROMPT_SOURCES`.
+
+    Args:
+        network: a SamParser in eval mode (merge it first for stock speed).
+        output_dir: folder of the label maps (``<case>_seg.nii.gz``).
+        intensity: intensity preset of the model (see :func:`~samparser_monai.transforms.volume_transforms`).
+        axis: slicing axis of the RAS-oriented volume (2: axial).
+        batch_size: slices per encoder pass.
+        jitter: box jitter for label-derived boxes (the evaluation protocol); ``seed`` makes it reproducible.
+        reader: a MONAI image reader (``DicomSeriesReader`` for DICOM series folders).
+        tolerance_mm: surface Dice tolerance of the metrics.
+        qa_writer: optional callable ``(case, image, reference, prediction, prompts)`` that writes QA pictures.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        output_dir: str,
+        intensity: str = "mr",
+        axis: int = 2,
+        batch_size: int = 8,
+        jitter: float = 0.0,
+        seed: int = 0,
+        reader: Any = None,
+        tolerance_mm: float = 1.0,
+        qa_writer: Callable | None = None,
+    ) -> None:
+        self.network, self.output_dir, self.axis, self.batch_size = network, output_dir, axis, batch_size
+        self.jitter, self.seed, self.tolerance_mm, self.qa_writer = jitter, seed, tolerance_mm, qa_writer
+        self.with_label = volume_transforms(intensity, reader=reader, keys=("image", "label"))
+        self.image_only = volume_transforms(intensity, reader=reader, keys=("image",))
+        self.saver = SaveImage(
+            output_dir=output_dir,
+            output_postfix="seg",
+            output_ext=".nii.gz",
+            separate_folder=False,
+            resample=False,
+            output_dtype=np.int16,
+            print_log=False,
+        )
+
+    def prompts(self, source: str, data: Mapping, boxes: Sequence[Mapping] | None) -> SlicePrompts | torch.Tensor:
+        """Prompts of one loaded case; for ``propagate`` the predicted label map itself (prompting is sequential)."""
+        image = data["image"]
+        if source == "label":
+            return label_box_prompts(data["label"][0], self.axis, jitter=self.jitter, seed=self.seed)
+        if not boxes:
+            return {}
+        original = np.asarray(image.meta.get("original_affine", image.affine))
+        oriented = np.asarray(image.affine)
+        if source == "boxes":
+            return json_box_prompts(boxes, original, oriented, image.shape[1:], self.axis)
+        out = torch.zeros(image.shape[1:], dtype=torch.int64)
+        for entry in boxes:
+            bounds = box_to_oriented_voxels(entry["box"], entry["space"], original, oriented)
+            key = int(round(float(bounds[:, self.axis].mean())))
+            if not 0 <= key < image.shape[self.axis + 1]:
+                continue
+            rows, cols = [a for a in range(3) if a != self.axis]
+            box = torch.tensor(
+                [bounds[0, cols], bounds[0, rows], bounds[1, cols], bounds[1, rows]], dtype=torch.float32
+            )
+            mask = propagate_box(self.network, image, key, box, self.axis)
+            out[mask & (out == 0)] = int(entry["label"])
+        return out
+
+    def segment(self, item: Mapping, source: str = "label", boxes: Sequence[Mapping] | None = None) -> CaseOutcome:
+        """Segment one datalist item (``image``, optional ``label`` and ``case``); never raises for a bad case."""
+        case = str(item.get("case") or case_id(item["image"]))
+        outcome = CaseOutcome(case=case, image=str(item["image"]))
+        start = time.perf_counter()
+        try:
+            has_label = bool(item.get("label"))
+            if source == "label" and not has_label:
+                raise ValueError("no reference label map to derive boxes from")
+            transform = self.with_label if has_label else self.image_only
+            data = transform({"image": item["image"], **({"label": item["label"]} if has_label else {})})
+            prompts = self.prompts(source, data, boxes)
+            if isinstance(prompts, torch.Tensor):
+                prediction = prompts
+                outcome.slices = int(prediction.any(dim=[d for d in range(3) if d != self.axis]).sum())
+                if not prediction.any():
+                    raise ValueError("no usable prompt: propagation found nothing at the key slice")
+            else:
+                if not prompts:
+                    raise ValueError("no usable prompt for this case")
+                outcome.slices = len(prompts)
+                prediction = predict_volume(self.network, data["image"], prompts, self.axis, self.batch_size)
+            if has_label:
+                outcome.metrics = self._metrics(prediction, data["label"][0].long(), data["image"].affine)
+            if self.qa_writer is not None:
+                self.qa_writer(case, data["image"], data.get("label"), prediction, prompts)
+            outcome.output = self._save(data, prediction)
+        except Exception as err:  # a bad case is reported and skipped; the batch goes on
+            outcome.status, outcome.reason = "skipped", _root_message(err)
+            logger.warning("case %s skipped: %s", case, outcome.reason)
+        outcome.seconds = time.perf_counter() - start
+        return outcome
+
+    def _metrics(self, prediction: torch.Tensor, reference: torch.Tensor, affine: torch.Tensor) -> list[dict[str, Any]]:
+        n = int(max(prediction.max(), reference.max())) + 1
+        one_hot = [torch.nn.functional.one_hot(t, n).permute(3, 0, 1, 2) for t in (prediction, reference)]
+        spacing = [float(s) for s in np.sqrt((np.asarray(affine, np.float64)[:3, :3] ** 2).sum(0))]
+        rows = case_metrics(one_hot[0], one_hot[1], spacing, self.tolerance_mm)
+        return [{"label": c, **row} for c, row in enumerate(rows, start=1) if bool((reference == c).any())]
+
+    def _save(self, data: Mapping, prediction: torch.Tensor) -> str:
+        image = data["image"]
+        pred = MetaTensor(prediction[None].to(torch.int16), affine=image.affine, meta=dict(image.meta))
+        pred.applied_operations = list(image.applied_operations)
+        transform = self.with_label if "label" in data else self.image_only
+        inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(
+            {"image": image, "pred": pred}
+        )["pred"]
+        self.saver(inverted)
+        name = case_id(str(image.meta.get("filename_or_obj", "case")))
+        return os.path.join(self.output_dir, f"{name}_seg.nii.gz")

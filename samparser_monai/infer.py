@@ -1,0 +1,188 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""``samparser-infer``: segment a folder of NIfTI volumes or DICOM series with box prompts.
+
+Label maps are written in each input's exact geometry (shape, affine, spacing, origin) as <case>_seg.nii.gz, with a
+summary.csv (every case, its status and the reason for any skip), a metrics.csv (Dice, surface Dice, HD95 per case
+and label, when a reference label map exists) and optional QA pictures. The run exits non-zero if any case was
+skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from samparser_monai.data.datalists import case_id, msd_datalist
+from samparser_monai.engines.prompts_3d import load_box_json
+from samparser_monai.engines.qa import QAWriter
+from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
+from samparser_monai.networks import SamParser, load_coefficient_state
+
+__all__ = ["collect_inputs", "main"]
+
+_VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+
+
+def collect_inputs(inputs: list[str], labels: str | None = None, dicom: bool = False) -> list[dict]:
+    """Datalist items from folders, globs, a datalist JSON (MSD ``dataset.json`` or a list of dicts) or files.
+
+    With ``dicom``, every folder that holds DICOM files is one series (one case). Reference label maps come from the
+    datalist, or from ``labels`` (a folder or glob, paired by case id, ``<case>.nii.gz`` or ``<case>_seg.nii.gz``).
+    """
+    items: list[dict] = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_file() and path.suffix == ".json":
+            if path.name == "dataset.json":
+                items += msd_datalist(path.parent)
+            else:
+                items += [dict(d) for d in json.loads(path.read_text())]
+        elif dicom and path.is_dir():
+            series = sorted({p.parent for p in path.rglob("*") if p.is_file() and p.suffix.lower() in ("", ".dcm")})
+            items += [{"image": str(s), "case": s.name} for s in series]
+        elif path.is_dir():
+            items += [{"image": str(p)} for p in sorted(path.iterdir()) if p.name.lower().endswith(_VOLUME_SUFFIXES)]
+        else:
+            matches = sorted(glob.glob(entry))
+            items += [{"image": p} for p in matches] if matches else [{"image": entry}]  # a missing file is reported
+    if labels:
+        pattern = os.path.join(labels, "*") if os.path.isdir(labels) else labels
+        by_case = {}
+        for p in sorted(glob.glob(pattern)):
+            cid = case_id(p)
+            by_case[cid[:-4] if cid.endswith("_seg") else cid] = p
+        for item in items:
+            item.setdefault("label", by_case.get(str(item.get("case") or case_id(item["image"]))))
+    for item in items:
+        item.setdefault("case", case_id(item["image"]))
+    return items
+
+
+def _writable(folder: str, inputs: list[dict]) -> None:
+    """Fail before any work if the output folder cannot be written or would overwrite an input."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise SystemExit(f"error: output folder '{folder}' is not writable ({err.strerror}).") from err
+    sources = {os.path.abspath(str(item[k])) for item in inputs for k in ("image", "label") if item.get(k)}
+    for item in inputs:
+        target = os.path.abspath(os.path.join(folder, f"{case_id(item['image'])}_seg.nii.gz"))
+        if target in sources:
+            raise SystemExit(f"error: writing '{target}' would overwrite an input; choose another --output-dir.")
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="samparser-infer", description=__doc__.split("\n\n")[1])
+    parser.add_argument("inputs", nargs="+", help="NIfTI files, folders, globs, a dataset.json, or DICOM folders")
+    parser.add_argument("--output-dir", required=True, help="where label maps and CSV files go")
+    parser.add_argument("--prompt", choices=PROMPT_SOURCES, default="label", help="prompt source (default: label)")
+    parser.add_argument("--boxes", help="box JSON for --prompt boxes/propagate (voxel or world mm boxes per case)")
+    parser.add_argument("--labels", help="reference label maps (folder or glob), paired by case id")
+    parser.add_argument("--dicom", action="store_true", help="inputs are folders of DICOM series")
+    parser.add_argument("--checkpoint", help="SAM-PARSER coefficient checkpoint (default: the base model, zero-shot)")
+    parser.add_argument("--backbone", default="lite_medsam", help="backbone name (default: lite_medsam)")
+    parser.add_argument("--base-checkpoint", help="base SAM checkpoint path (ViT backbones)")
+    parser.add_argument(
+        "--intensity", default="mr", help="intensity preset: mr, ct_abdomen, ct_liver, ... (default mr)"
+    )
+    parser.add_argument("--axis", type=int, default=2, help="slicing axis of the RAS-oriented volume (default 2)")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per encoder pass (default 8)")
+    parser.add_argument("--jitter", type=float, default=0.0, help="box jitter for --prompt label (fraction of box)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the jitter")
+    parser.add_argument("--qa", type=int, default=0, help="QA pictures per case (default 0)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    return parser.parse_args(argv)
+
+
+def _write_csv(path: str, rows: list[dict]) -> None:
+    if rows:
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def _build_model(args: argparse.Namespace) -> SamParser:
+    coefficients, trainable = "paper", "parser"
+    state = None
+    if args.checkpoint:
+        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("model", state) if isinstance(state, dict) and "format" not in state else state
+        coefficients, trainable = state.get("coefficients"), state.get("trainable", "parser")
+    model = SamParser(args.backbone, args.base_checkpoint, coefficients=coefficients, trainable=trainable)
+    if state is not None:
+        load_coefficient_state(model, state)
+    return model.merge().eval().to(args.device)  # merged: stock speed, no SVD work at inference
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run batch inference; returns 0 when every case was segmented, 1 when any was skipped or the run failed."""
+    args = _parse(argv)
+    items = collect_inputs(args.inputs, args.labels, args.dicom)
+    if not items:
+        print("error: no input volume found.", file=sys.stderr)
+        return 1
+    _writable(args.output_dir, items)
+    boxes = {}
+    if args.prompt in ("boxes", "propagate"):
+        if not args.boxes:
+            print(f"error: --prompt {args.prompt} needs --boxes <file.json>.", file=sys.stderr)
+            return 1
+        try:
+            boxes = load_box_json(args.boxes)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+    try:
+        model = _build_model(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    reader = None
+    if args.dicom:
+        from samparser_monai.data.dicom import DicomSeriesReader
+
+        reader = DicomSeriesReader()
+    qa = QAWriter(os.path.join(args.output_dir, "qa"), args.qa, args.axis) if args.qa else None
+    segmenter = VolumeSegmenter(
+        model, args.output_dir, args.intensity, args.axis, args.batch_size, args.jitter, args.seed, reader, qa_writer=qa
+    )
+    outcomes: list[CaseOutcome] = []
+    start = time.perf_counter()
+    for item in tqdm(items, desc="segmenting", unit="case"):
+        outcomes.append(segmenter.segment(item, args.prompt, boxes.get(str(item["case"]))))
+    elapsed = time.perf_counter() - start
+    summary = [
+        {"case": o.case, "status": o.status, "reason": o.reason, "image": o.image, "output": o.output,
+         "slices": o.slices, "seconds": round(o.seconds, 2)}
+        for o in outcomes
+    ]  # fmt: skip
+    _write_csv(os.path.join(args.output_dir, "summary.csv"), summary)
+    metrics = [
+        {"case": o.case, **row, "prompt": args.prompt, "jitter": args.jitter} for o in outcomes for row in o.metrics
+    ]
+    _write_csv(os.path.join(args.output_dir, "metrics.csv"), metrics)
+    done = [o for o in outcomes if o.status == "ok"]
+    skipped = [o for o in outcomes if o.status != "ok"]
+    slices = sum(o.slices for o in done)
+    print(f"segmented {len(done)} of {len(outcomes)} cases, {slices} slices in {elapsed:.1f} s "
+          f"({slices / max(elapsed, 1e-9):.2f} slices/s) -> {os.path.abspath(args.output_dir)}")  # fmt: skip
+    for o in skipped:
+        print(f"skipped {o.case}: {o.reason}")
+    return 1 if skipped else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
