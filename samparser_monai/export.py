@@ -332,7 +332,7 @@ def export_merged(
             "format": EXPORT_FORMAT,
             "backbone": backbone,
             "image_size": model.image_size,
-            "base_checkpoint": None if base is None else os.path.abspath(base),
+            "base_checkpoint": None if model.checkpoint is None else os.path.abspath(model.checkpoint),
             "base_sha256": model.base_sha256,
             "coefficients": state["coefficients"],
             "trainable": state["trainable"],

@@ -107,3 +107,27 @@ def test_output_folder_checked_before_any_work(tmp_path):
     result = _infer(str(image), "--output-dir", str(blocker / "out"), "--backbone", "tiny")
     assert result.returncode != 0 and "is not writable" in result.stderr
     assert _infer("--help").returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"real data not found at {SHARED_DATA}")
+def test_dicom_series_with_a_world_box(tmp_path):
+    """A DICOM CT series in, a NIfTI label map out on the series' own grid; the box comes from the liver DICOM-SEG."""
+    from samparser_monai.data import load_dicom_seg_label
+
+    folder = SHARED_DATA / "dcmqi_ct3slice_liver_seg"
+    liver, affine = load_dicom_seg_label(folder / "seg" / "liver_seg.dcm", folder / "dicom")  # x, y, z; RAS
+    index = np.argwhere(liver > 0)
+    lo, hi = index.min(0), index.max(0)
+    corners = np.array([[*lo, 1], [*hi, 1]], np.float64) @ affine.T
+    box = {"dicom": [{"label": 1, "box": [*corners[:, :3].min(0), *corners[:, :3].max(0)], "space": "world"}]}
+    (tmp_path / "boxes.json").write_text(json.dumps(box))
+    out = tmp_path / "out"
+    result = _infer(str(folder / "dicom"), "--dicom", "--prompt", "boxes", "--boxes", str(tmp_path / "boxes.json"),
+                    "--intensity", "ct_abdomen", "--output-dir", str(out))  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = nib.load(out / "dicom_seg.nii.gz")
+    assert written.shape == liver.shape and np.allclose(written.affine, affine, atol=1e-4)
+    prediction = written.get_fdata() > 0
+    dice = 2 * (prediction & (liver > 0)).sum() / (prediction.sum() + (liver > 0).sum())
+    assert dice > 0.8, f"LiteMedSAM on the liver with its box: Dice {dice:.3f}"
