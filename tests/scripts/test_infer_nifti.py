@@ -131,3 +131,29 @@ def test_dicom_series_with_a_world_box(tmp_path):
     prediction = written.get_fdata() > 0
     dice = 2 * (prediction & (liver > 0)).sum() / (prediction.sum() + (liver > 0).sum())
     assert dice > 0.8, f"LiteMedSAM on the liver with its box: Dice {dice:.3f}"
+
+
+@pytest.mark.slow
+def test_propagation_with_lite_medsam_covers_the_object(tmp_path):
+    """One box on the key slice of a generated ellipsoid; the real model carries it through the volume."""
+    shape = (64, 64, 24)
+    ii, jj, kk = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    blob = ((ii - 30) / 14.0) ** 2 + ((jj - 34) / 11.0) ** 2 + ((kk - 12) / 7.0) ** 2 <= 1  # slices 5..19
+    rng = np.random.default_rng(0)
+    image = (0.25 + 0.5 * blob + 0.03 * rng.standard_normal(shape)).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(image, affine), str(tmp_path / "blob.nii.gz"))
+    section = np.argwhere(blob[:, :, 12])
+    (i0, j0), (i1, j1) = section.min(0), section.max(0)
+    prompts = {"blob": [{"label": 4, "box": [int(i0), int(j0), 12, int(i1), int(j1), 12], "space": "voxel"}]}
+    (tmp_path / "key.json").write_text(json.dumps(prompts))
+    result = _infer(str(tmp_path / "blob.nii.gz"), "--prompt", "propagate", "--boxes", str(tmp_path / "key.json"),
+                    "--output-dir", str(tmp_path / "out"), "--intensity", "unit")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    prediction = nib.load(tmp_path / "out" / "blob_seg.nii.gz").get_fdata()
+    assert set(np.unique(prediction)) == {0.0, 4.0}, "the prompt's label id is written"
+    predicted_slices = set(np.nonzero((prediction == 4).any(axis=(0, 1)))[0])
+    object_slices = set(np.nonzero(blob.any(axis=(0, 1)))[0])
+    assert len(predicted_slices & object_slices) >= 0.8 * len(object_slices), (predicted_slices, object_slices)
+    dice = 2 * ((prediction == 4) & blob).sum() / ((prediction == 4).sum() + blob.sum())
+    assert dice > 0.8, f"Dice {dice:.3f}"
