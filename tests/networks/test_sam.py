@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from sam_reference import stock_masks
 
 from samparser_monai.networks import (
     BACKBONES,
@@ -29,30 +30,12 @@ def _stock_tiny(checkpoint) -> torch.nn.Module:
     return stock.eval()
 
 
-def _stock_masks(stock, image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Reference: segment_anything's own modules, one image at a time, single-mask output, upsampled to the input."""
-    with torch.no_grad():
-        embeddings = stock.image_encoder(image.expand(-1, 3, -1, -1))
-        out = []
-        for i in range(image.shape[0]):
-            sparse, dense = stock.prompt_encoder(points=None, boxes=boxes[i], masks=None)
-            low, _ = stock.mask_decoder(
-                image_embeddings=embeddings[i : i + 1],
-                image_pe=stock.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            out.append(F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[:, 0])
-    return torch.stack(out)
-
-
 @pytest.mark.parametrize("coefficients", ["paper", "encoder"])
 def test_tiny_outputs_at_init_equal_the_base(tiny_checkpoint, coefficients):
     torch.manual_seed(0)
     image = torch.rand(2, 1, 128, 128)
     model = SamParser("tiny", tiny_checkpoint, coefficients=coefficients)
-    expected = _stock_masks(_stock_tiny(tiny_checkpoint), image, BOXES, 128)
+    expected = stock_masks(_stock_tiny(tiny_checkpoint), image, BOXES, 128)
     train_out = model.train()(image, BOXES)  # training forms, batched decoding of 2 images x 2 boxes
     with torch.no_grad():
         eval_out = model.eval()(image, BOXES)
@@ -170,7 +153,7 @@ def test_merged_model_equals_unmerged_and_loads_into_stock_sam(tiny_checkpoint):
     assert (merged - tuned).abs().max() < 1e-4
     stock = BACKBONES["tiny"][1]()
     stock.load_state_dict(model.state_dict(), strict=True)  # a stock segment_anything Sam takes it as is
-    assert (_stock_masks(stock.eval(), image, BOXES, 128) - tuned).abs().max() < 1e-4
+    assert (stock_masks(stock.eval(), image, BOXES, 128) - tuned).abs().max() < 1e-4
 
 
 def test_merged_vit_b_state_dict_has_the_stock_keys_and_shapes():

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
+from sam_reference import stock_masks
 
 from samparser_monai.export import ExportError, export_merged, main, read_coefficient_checkpoint
 from samparser_monai.networks import (
@@ -46,24 +46,6 @@ def _finetune(model: SamParser, seed: int = 7, scale: float = 0.2) -> SamParser:
     return model.eval()
 
 
-def _stock_masks(stock, image: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """Reference: segment_anything's own modules, one image at a time, single-mask output, upsampled to the input."""
-    with torch.no_grad():
-        embeddings = stock.image_encoder(image.expand(-1, 3, -1, -1))
-        out = []
-        for i in range(image.shape[0]):
-            sparse, dense = stock.prompt_encoder(points=None, boxes=boxes[i], masks=None)
-            low, _ = stock.mask_decoder(
-                image_embeddings=embeddings[i : i + 1],
-                image_pe=stock.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=False,
-            )
-            out.append(F.interpolate(low, (size, size), mode="bilinear", align_corners=False)[:, 0])
-    return torch.stack(out)
-
-
 @pytest.fixture(scope="module")
 def tuned_tiny(tmp_path_factory) -> tuple[SamParser, Path, SamParser]:
     """A 'fine-tuned' tiny SamParser (every encoder layer decomposed, random base), its coefficient state file and a
@@ -92,7 +74,7 @@ def test_cli_exports_a_stock_tiny_checkpoint_with_the_merged_models_masks(tuned_
         base = SamParser("tiny", coefficients=None, trainable="decoder").eval()(image, BOXES)
         merged = merged_model(image, BOXES)
     assert (tuned - base).abs().max() > 1e-2, "the stand-in fine-tune must change the outputs"
-    assert (_stock_masks(stock.eval(), image, BOXES, 128) - merged).abs().max() < 1e-4
+    assert (stock_masks(stock.eval(), image, BOXES, 128) - merged).abs().max() < 1e-4
     assert (merged - tuned).abs().max() < 1e-4
 
     record = json.loads(record_path.read_text())
@@ -136,7 +118,7 @@ def test_every_trainable_policy_exports(coefficients, trainable, tmp_path):
     image = torch.rand(2, 3, 128, 128)
     with torch.no_grad():
         expected = expected_model(image, BOXES)
-    assert (_stock_masks(stock.eval(), image, BOXES, 128) - expected).abs().max() < 1e-4
+    assert (stock_masks(stock.eval(), image, BOXES, 128) - expected).abs().max() < 1e-4
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
