@@ -16,6 +16,7 @@ from torch import nn
 
 from samparser_monai.networks.backbones import build_backbone
 from samparser_monai.networks.svd import apply_svd, merge_svd_layers, svd_layers
+from samparser_monai.networks.trunk_cache import TrunkFeatureCache
 
 __all__ = [
     "TRAINABLE_POLICIES",
@@ -55,6 +56,11 @@ class SamParser(nn.Module):
         trainable: a key of :data:`TRAINABLE_POLICIES`; default ``"parser"`` = coefficients + mask decoder.
         form: training form of the SVD layers, ``"auto"`` (cheaper exact form per call), ``"factored"`` or
             ``"dense"``.
+        cache_trunk: keep the frozen encoder trunk's features per input image (see
+            :class:`~samparser_monai.networks.trunk_cache.TrunkFeatureCache`), so later epochs skip the trunk; only
+            when nothing before the neck trains (``coefficients="paper"`` or ``None`` and a policy other than
+            ``"full"``).
+        cache_max_gb: memory budget of that cache, in GiB.
 
     Input ``image`` is ``B x C x H x W`` (C = 1 or 3) with intensities already normalised to [0, 1]; ``box`` is
     ``B x N x 4`` (or ``B x 4``) as ``(x0, y0, x1, y1)`` in pixel coordinates of ``image``. The image is resized
@@ -70,6 +76,8 @@ class SamParser(nn.Module):
         coefficients: str | Sequence[str] | None = "paper",
         trainable: str = "parser",
         form: str = "auto",
+        cache_trunk: bool = False,
+        cache_max_gb: float = 4.0,
     ) -> None:
         super().__init__()
         if trainable not in TRAINABLE_POLICIES:
@@ -93,6 +101,7 @@ class SamParser(nn.Module):
         )
         self.decomposed = apply_svd(self.image_encoder, coefficients, form) if coefficients else []
         self.trainable = trainable
+        self.trunk_cache = TrunkFeatureCache(int(cache_max_gb * (1 << 30))) if cache_trunk else None
         self.set_trainable(trainable)
 
     # ----------------------------------------------------------------------------------------------- training state
@@ -109,6 +118,14 @@ class SamParser(nn.Module):
             layer.basis_vh.requires_grad_(False)
             layer.coefficients.requires_grad_("coefficients" in parts or "image_encoder" in parts)
         self.trainable = policy
+        trunk_trains = any(
+            p.requires_grad for n, p in self.image_encoder.named_parameters() if not n.startswith("neck.")
+        )
+        if self.trunk_cache is not None and trunk_trains:
+            raise ValueError(
+                f"cache_trunk needs a frozen encoder trunk, but trainable={policy!r} with coefficients="
+                f"{self.coefficient_targets!r} trains it: use coefficients='paper' (or None) and another policy."
+            )
 
     def train(self, mode: bool = True) -> SamParser:
         """Set the mode; modules whose parameters are all frozen stay in eval mode (deterministic, no BN drift)."""
@@ -149,7 +166,25 @@ class SamParser(nn.Module):
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """Image embeddings ``B x C_e x h_e x w_e`` of ``image`` (see :meth:`forward` for its format)."""
-        return self.image_encoder(self.preprocess(image)[0])
+        x = self.preprocess(image)[0]
+        if self.trunk_cache is None:
+            return self.image_encoder(x)
+        return self.image_encoder.neck(self.trunk_cache(x, self._trunk))
+
+    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The encoder up to its neck, as ``B x C x h x w`` (SAM's ImageEncoderViT or LiteMedSAM's TinyViT)."""
+        encoder = self.image_encoder
+        x = encoder.patch_embed(x)
+        if hasattr(encoder, "blocks"):  # segment_anything ImageEncoderViT
+            if encoder.pos_embed is not None:
+                x = x + encoder.pos_embed
+            for block in encoder.blocks:
+                x = block(x)
+            return x.permute(0, 3, 1, 2)
+        for layer in encoder.layers:  # TinyViT: tokens B x N x C on a square grid
+            x = layer(x)
+        side = int(round(x.shape[1] ** 0.5))
+        return x.view(x.shape[0], side, side, x.shape[2]).permute(0, 3, 1, 2)
 
     def decode(self, embeddings: torch.Tensor, box: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
         """Mask logits ``B x N x H x W`` for ``box`` (``B x N x 4`` in pixels of an image of ``image_size``).

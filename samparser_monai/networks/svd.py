@@ -46,7 +46,7 @@ COEFFICIENT_PRESETS: dict[str, tuple[str, ...]] = {
     "encoder": ("*",),
 }
 
-_FORMS = ("auto", "factored", "dense")
+_FORMS = ("auto", "factored", "dense", "official")
 
 
 class SVDLayer(nn.Module):
@@ -58,7 +58,8 @@ class SVDLayer(nn.Module):
         basis_vh: right singular vectors, ``r x in_flat``; frozen.
         bias: the layer's bias or ``None``; keeps the ``requires_grad`` flag it arrives with.
         form: ``"auto"`` (default) picks the cheaper exact training form per call; ``"factored"`` or ``"dense"``
-            force one (used by benchmarks and tests).
+            force one in training (benchmarks, tests); ``"official"`` runs factored always, in eval mode too, as the
+            original SAM-PARSER code does (the ``parser_official`` baseline).
     """
 
     def __init__(
@@ -109,7 +110,7 @@ class SVDLayer(nn.Module):
     def _use_dense(self, tokens: int, input_needs_grad: bool) -> bool:
         """Whether the materialised form costs fewer multiply-adds than the factored one for this call."""
         if self.form != "auto":
-            return self.form == "dense"
+            return self.form == "dense"  # "factored" and "official" stay factored
         out_f, in_f, r = self.basis_u.shape[0], self.basis_vh.shape[1], self.rank
         # factored: x Vh^T (T r in), * s, @ U^T (T r out); backward: g U (T out r) [+ (gU s) Vh (T r in)]
         factored = tokens * r * (in_f + 2 * out_f) + (tokens * r * in_f if input_needs_grad else 0)
@@ -120,6 +121,8 @@ class SVDLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Apply the layer; exact in every form, the form only changes the cost."""
+        if self.form == "official":
+            return self._factored_forward(x)
         if not (torch.is_grad_enabled() and self.coefficients.requires_grad):
             return self._dense_forward(x, self._cached_weight())
         if self._use_dense(self._tokens(x), x.requires_grad):

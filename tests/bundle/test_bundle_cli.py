@@ -14,6 +14,7 @@ import torch
 from conftest import CONFIGS, ROOT, SCHEMA, tiny_overrides
 
 from samparser_monai.data import make_demo_dataset
+from samparser_monai.networks import svd_layers
 
 PRESETS = ROOT / "configs"
 
@@ -57,6 +58,7 @@ def test_verify_net_in_out_with_a_box():
         ("methods/parser_encoder.json", {"coefficients": "encoder", "trainable": "parser"}),
         ("methods/decoder_only.json", {"coefficients": None, "trainable": "decoder"}),
         ("methods/full.json", {"coefficients": None, "trainable": "full"}),
+        ("methods/parser_official.json", {"coefficients": "paper", "trainable": "parser"}),
     ],
 )
 def test_method_presets_layer_onto_the_bundle(preset, expected):
@@ -67,6 +69,8 @@ def test_method_presets_layer_onto_the_bundle(preset, expected):
     parser["backbone"] = "tiny"
     network = parser.get_parsed_content("network_def")
     assert network.coefficient_targets == expected["coefficients"] and network.trainable == expected["trainable"]
+    forms = {layer.form for layer in svd_layers(network).values()}
+    assert forms == (set() if expected["coefficients"] is None else {"official" if "official" in preset else "auto"})
 
 
 @pytest.mark.parametrize("backbone", ["vit_b", "vit_l", "vit_h"])

@@ -68,7 +68,7 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, small_dataset):
 
 
 def test_evaluate_writes_per_case_metrics_with_the_jitter(tmp_path, small_dataset):
-    _train(tmp_path, small_dataset).run()
+    _train(tmp_path, small_dataset, amp=True).run()  # the AMP switch (a no-op on CPU; autocast on GPUs)
     override = tiny_overrides(tmp_path, small_dataset, val_box_jitter=0.05)
     workflow = _workflow(["train.json", "evaluate.json"], run_id="evaluating", workflow_type="infer", **override)
     workflow.initialize()

@@ -173,3 +173,12 @@ def test_conv_token_count_follows_padding(padding, tokens):
     x = torch.randn(1, 2, 10, 10) if padding != 1 else torch.randn(1, 2, 8, 8)
     assert layer._tokens(x) == tokens
     assert layer(x).shape[-2:].numel() == tokens
+
+
+def test_official_form_stays_factored_in_eval_mode():
+    module, x = _layer("linear")
+    layer = SVDLinear.from_linear(module, form="official").eval()
+    with torch.no_grad():
+        out = layer(x)
+    assert layer._cache is None, "the official form never builds the merged weight"
+    assert torch.allclose(out, module(x), atol=ATOL)

@@ -28,3 +28,11 @@ def test_benchmark_layers_help_and_bad_selection():
     result = _run("--shapes", "nope")
     assert result.returncode == 1
     assert "matches no layer" in result.stderr
+
+
+def test_trunk_cache_benchmark_smoke_run():
+    script = SCRIPT.parent / "benchmark_trunk_cache.py"
+    args = ["--backbone", "tiny", "--slices", "4", "--epochs", "2"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "| 2 |" in result.stdout and "largest loss difference between the runs: 0.00e+00" in result.stdout

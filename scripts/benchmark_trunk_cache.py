@@ -1,0 +1,78 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Epoch cost of `parser_paper` training with and without the trunk feature cache, and the loss difference.
+
+Trains SamParser (paper preset: neck coefficients + mask decoder) for a few epochs over the same slices twice, with
+the same seed: once as is, once with ``cache_trunk=True``. Prints the time of every epoch of both runs, the ratio of a
+later cached epoch to the first, and the largest difference between the two runs' losses (the cache is exact, so it
+is float32 rounding at most).
+
+    python scripts/benchmark_trunk_cache.py --backbone lite_medsam --slices 8 --epochs 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from monai.losses import DiceCELoss
+from tqdm import tqdm
+
+from samparser_monai.demo import demo_batch
+from samparser_monai.networks import SamParser
+
+
+def _train(model: SamParser, images, masks, boxes, epochs: int, batch_size: int, progress: tqdm) -> tuple[list, list]:
+    torch.manual_seed(0)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    loss_fn = DiceCELoss(sigmoid=True)
+    model.train()
+    times, losses = [], []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        for i in range(0, len(images), batch_size):
+            optimizer.zero_grad()
+            loss = loss_fn(model(images[i : i + batch_size], boxes[i : i + batch_size]), masks[i : i + batch_size])
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            progress.update(1)
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the comparison; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="lite_medsam", help="backbone (default lite_medsam)")
+    parser.add_argument("--checkpoint", default=None, help="base checkpoint path (ViT backbones)")
+    parser.add_argument("--slices", type=int, default=8, help="training slices per epoch (default 8)")
+    parser.add_argument("--batch-size", type=int, default=2, help="slices per step (default 2)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
+    args = parser.parse_args(argv)
+    if args.epochs < 2:
+        print("error: --epochs must be 2 or more to compare later epochs with the first.", file=sys.stderr)
+        return 1
+    runs = {}
+    steps = 2 * args.epochs * -(-args.slices // args.batch_size)
+    with tqdm(total=steps, desc="training", unit="step") as progress:
+        for cached in (False, True):
+            model = SamParser(args.backbone, args.checkpoint, coefficients="paper", cache_trunk=cached)
+            images, masks, boxes = demo_batch(args.slices, model.image_size, seed=1)
+            runs[cached] = _train(model, images, masks, boxes, args.epochs, args.batch_size, progress)
+    plain_times, plain_losses = runs[False]
+    cached_times, cached_losses = runs[True]
+    difference = max(abs(a - b) for a, b in zip(plain_losses, cached_losses))
+    setting = f"{args.slices} slices, batch {args.batch_size}, {args.epochs} epochs"
+    print(f"torch {torch.__version__}, {args.backbone}, {setting}")
+    print("| epoch | without cache (s) | with cache (s) | cached / first cached epoch |")
+    print("|---:|---:|---:|---:|")
+    for epoch, (a, b) in enumerate(zip(plain_times, cached_times), start=1):
+        print(f"| {epoch} | {a:.2f} | {b:.2f} | {b / cached_times[0]:.3f} |")
+    print(f"largest loss difference between the runs: {difference:.2e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
