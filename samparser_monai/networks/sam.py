@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from samparser_monai.networks.backbones import build_backbone
+from samparser_monai.networks.lora import apply_lora, is_lora_parameter, merge_lora
 from samparser_monai.networks.svd import apply_svd, merge_svd_layers, svd_layers
 from samparser_monai.networks.trunk_cache import TrunkFeatureCache
 
@@ -35,6 +36,7 @@ TRAINABLE_POLICIES = {
     "coefficients": ("coefficients",),
     "decoder": ("mask_decoder",),  # baseline: decoder-only fine-tuning
     "full": ("image_encoder", "mask_decoder"),  # baseline: full fine-tuning (MedSAM's setting)
+    "lora": ("lora", "mask_decoder"),  # baseline: LoRA on the encoder (peft), as SAMed
 }
 
 # SAM's ImageNet statistics on a 0-255 scale (segment_anything.modeling.Sam)
@@ -61,6 +63,8 @@ class SamParser(nn.Module):
             when nothing before the neck trains (``coefficients="paper"`` or ``None`` and a policy other than
             ``"full"``).
         cache_max_gb: memory budget of that cache, in GiB.
+        lora_rank: rank of the LoRA adapters of the ``"lora"`` policy (needs ``peft``: the ``lora`` extra).
+        lora_targets: linear layers (name suffixes) that get LoRA adapters; default SAM's attention ``qkv``.
 
     Input ``image`` is ``B x C x H x W`` (C = 1 or 3) with intensities already normalised to [0, 1]; ``box`` is
     ``B x N x 4`` (or ``B x 4``) as ``(x0, y0, x1, y1)`` in pixel coordinates of ``image``. The image is resized
@@ -78,6 +82,8 @@ class SamParser(nn.Module):
         form: str = "auto",
         cache_trunk: bool = False,
         cache_max_gb: float = 4.0,
+        lora_rank: int = 4,
+        lora_targets: Sequence[str] = ("qkv",),
     ) -> None:
         super().__init__()
         if trainable not in TRAINABLE_POLICIES:
@@ -100,6 +106,7 @@ class SamParser(nn.Module):
             coefficients if coefficients is None or isinstance(coefficients, str) else list(coefficients)
         )
         self.decomposed = apply_svd(self.image_encoder, coefficients, form) if coefficients else []
+        self.lora_layers = apply_lora(self.image_encoder, lora_rank, lora_targets) if trainable == "lora" else []
         self.trainable = trainable
         self.trunk_cache = TrunkFeatureCache(int(cache_max_gb * (1 << 30))) if cache_trunk else None
         self.set_trainable(trainable)
@@ -113,6 +120,9 @@ class SamParser(nn.Module):
             self.mask_decoder.requires_grad_(True)
         if "image_encoder" in parts:
             self.image_encoder.requires_grad_(True)
+        if "lora" in parts:
+            for name, p in self.image_encoder.named_parameters():
+                p.requires_grad_(is_lora_parameter(name))
         for layer in svd_layers(self.image_encoder).values():
             layer.basis_u.requires_grad_(False)
             layer.basis_vh.requires_grad_(False)
@@ -140,7 +150,8 @@ class SamParser(nn.Module):
     def merge(self) -> SamParser:
         """Merge every SVD layer back into a plain layer, in place: the state dict becomes a stock SAM's."""
         merge_svd_layers(self.image_encoder)
-        self.decomposed = []
+        merge_lora(self.image_encoder)
+        self.decomposed, self.lora_layers = [], []
         return self
 
     def summary(self) -> str:
@@ -243,6 +254,8 @@ def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:
         part = name.split(".")[0]
         if id(p) in coefficient_ids:
             part = "image_encoder (coefficients)"
+        elif is_lora_parameter(name):
+            part = "image_encoder (lora)"
         elif part == "image_encoder":
             part = "image_encoder (other)"
         row = rows.setdefault(part, [0, 0])

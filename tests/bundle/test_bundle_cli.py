@@ -59,6 +59,7 @@ def test_verify_net_in_out_with_a_box():
         ("methods/decoder_only.json", {"coefficients": None, "trainable": "decoder"}),
         ("methods/full.json", {"coefficients": None, "trainable": "full"}),
         ("methods/parser_official.json", {"coefficients": "paper", "trainable": "parser"}),
+        ("methods/lora.json", {"coefficients": None, "trainable": "lora"}),
     ],
 )
 def test_method_presets_layer_onto_the_bundle(preset, expected):

@@ -242,3 +242,23 @@ def test_lite_medsam_segments_a_boxed_disk_at_any_input_size(size):
     pred = (logits[0, 0] > 0).float()
     dice = 2 * (pred * mask).sum() / (pred.sum() + mask.sum())
     assert dice > 0.85, f"Dice {dice:.3f}"
+
+
+def test_lora_baseline_counts_equality_at_init_and_merge(tiny_checkpoint):
+    pytest.importorskip("peft", reason="the lora extra (peft) is not installed")
+    with torch.device("meta"):
+        vit_b = SamParser("vit_b", coefficients=None, trainable="lora")
+    assert trainable_summary(vit_b)["image_encoder (lora)"] == (147_456, 147_456), "r=4 on qkv, as SAMed"
+    assert trainable_summary(vit_b)["image_encoder (other)"][0] == 0
+    model = SamParser("tiny", tiny_checkpoint, coefficients=None, trainable="lora")
+    image = torch.rand(2, 1, 128, 128)
+    expected = stock_masks(_stock_tiny(tiny_checkpoint), image, BOXES, 128)
+    with torch.no_grad():
+        assert (model.eval()(image, BOXES) - expected).abs().max() < 1e-4, "LoRA starts as the base model"
+    _train_steps(model)
+    with torch.no_grad():
+        tuned = model.eval()(image, BOXES)
+        merged = model.merge()(image, BOXES)
+    assert (tuned - expected).abs().max() > 1e-3 and (merged - tuned).abs().max() < 1e-4
+    stock = BACKBONES["tiny"][1]()
+    stock.load_state_dict(model.state_dict(), strict=True)
