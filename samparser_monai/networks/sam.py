@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from samparser_monai.networks.backbones import build_backbone
@@ -65,6 +67,8 @@ class SamParser(nn.Module):
         cache_max_gb: memory budget of that cache, in GiB.
         lora_rank: rank of the LoRA adapters of the ``"lora"`` policy (needs ``peft``: the ``lora`` extra).
         lora_targets: linear layers (name suffixes) that get LoRA adapters; default SAM's attention ``qkv``.
+        checkpoint_blocks: recompute each encoder block's activations in the backward pass instead of keeping them
+            (activation checkpointing): less memory for methods that train inside the encoder, same results.
 
     Input ``image`` is ``B x C x H x W`` (C = 1 or 3) with intensities already normalised to [0, 1]; ``box`` is
     ``B x N x 4`` (or ``B x 4``) as ``(x0, y0, x1, y1)`` in pixel coordinates of ``image``. The image is resized
@@ -84,6 +88,7 @@ class SamParser(nn.Module):
         cache_max_gb: float = 4.0,
         lora_rank: int = 4,
         lora_targets: Sequence[str] = ("qkv",),
+        checkpoint_blocks: bool = False,
     ) -> None:
         super().__init__()
         if trainable not in TRAINABLE_POLICIES:
@@ -109,6 +114,8 @@ class SamParser(nn.Module):
         self.lora_layers = apply_lora(self.image_encoder, lora_rank, lora_targets) if trainable == "lora" else []
         self.trainable = trainable
         self.trunk_cache = TrunkFeatureCache(int(cache_max_gb * (1 << 30))) if cache_trunk else None
+        if checkpoint_blocks:
+            _checkpoint_encoder_blocks(self.image_encoder)
         self.set_trainable(trainable)
 
     # ----------------------------------------------------------------------------------------------- training state
@@ -243,6 +250,22 @@ class SamParser(nn.Module):
         upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(bn, c, h, w))
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0: SAM's single-mask output
         return (hyper.unsqueeze(1) @ upscaled.flatten(2)).view(bn, 1, *upscaled.shape[-2:])
+
+
+def _checkpointed_forward(block: nn.Module, forward, *args, **kwargs):
+    """``forward`` under activation checkpointing while training with gradients, plain otherwise."""
+    if block.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _checkpoint_encoder_blocks(encoder: nn.Module) -> None:
+    """Activation checkpointing of every encoder block, without changing module names or state-dict keys."""
+    blocks = (
+        list(encoder.blocks) if hasattr(encoder, "blocks") else [b for layer in encoder.layers for b in layer.blocks]
+    )
+    for block in blocks:
+        block.forward = partial(_checkpointed_forward, block, block.forward)
 
 
 def trainable_summary(model: nn.Module) -> dict[str, tuple[int, int]]:

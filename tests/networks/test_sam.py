@@ -262,3 +262,16 @@ def test_lora_baseline_counts_equality_at_init_and_merge(tiny_checkpoint):
     assert (tuned - expected).abs().max() > 1e-3 and (merged - tuned).abs().max() < 1e-4
     stock = BACKBONES["tiny"][1]()
     stock.load_state_dict(model.state_dict(), strict=True)
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_checkpoint):
+    grads = {}
+    for checkpointed in (False, True):
+        model = SamParser("tiny", tiny_checkpoint, coefficients="encoder", checkpoint_blocks=checkpointed).train()
+        torch.manual_seed(0)
+        loss = model(torch.rand(2, 1, 128, 128), BOXES).square().mean()
+        loss.backward()
+        grads[checkpointed] = (loss.item(), [m.coefficients.grad.clone() for m in svd_layers(model).values()])
+    assert abs(grads[False][0] - grads[True][0]) < 1e-6
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[False][1], grads[True][1]))
+    assert list(SamParser("tiny", checkpoint_blocks=True).state_dict()) == list(SamParser("tiny").state_dict())
