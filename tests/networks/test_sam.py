@@ -76,6 +76,9 @@ def test_vit_b_trainable_counts_without_a_checkpoint():
     assert counts["paper"]["prompt_encoder"][0] == 0
     assert counts["paper"]["image_encoder (other)"][0] == 0
     assert counts["paper"]["total"][0] == 512 + 4_058_340
+    with torch.device("meta"):
+        full = trainable_summary(SamParser("vit_b", coefficients=None, trainable="full"))
+    assert full["image_encoder (other)"] == (89_670_912, 89_670_912), "full fine-tuning: the whole 89.67M encoder"
 
 
 @pytest.mark.parametrize(
