@@ -14,17 +14,11 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from samparser_monai.data.datalists import case_id
+from samparser_monai.errors import root_cause
 
 __all__ = ["SliceDataset"]
 
 logger = logging.getLogger(__name__)
-
-
-def _innermost(err: BaseException) -> BaseException:
-    """The root cause of a chained exception (MONAI wraps transform errors in RuntimeError)."""
-    while err.__cause__ is not None or err.__context__ is not None:
-        err = err.__cause__ or err.__context__
-    return err
 
 
 class SliceDataset(Dataset):
@@ -107,7 +101,7 @@ class SliceDataset(Dataset):
             out = self.transform(dict(item)) if self.transform is not None else item
             image, label = torch.as_tensor(out["image"]), torch.as_tensor(out["label"])
         except Exception as err:  # one sentence naming the case instead of a stack of transform internals
-            cause = _innermost(err)
+            cause = root_cause(err)
             raise ValueError(f"Case '{case}' ({item.get('image')}) could not be prepared: {cause}") from err
         if image.ndim != 4 or label.shape != image.shape:
             raise ValueError(

@@ -31,7 +31,7 @@ from torch import nn
 from samparser_monai.engines.slice_inference import SlicePrompts, _unwrap
 from samparser_monai.transforms.prompts import mask_to_box
 
-__all__ = ["box_to_oriented_voxels", "json_box_prompts", "load_box_json", "propagate_box"]
+__all__ = ["box_to_oriented_voxels", "json_box_prompts", "load_box_json", "plane_box", "propagate_box"]
 
 
 def load_box_json(path: str | os.PathLike) -> dict[str, list[dict]]:
@@ -73,7 +73,7 @@ def box_to_oriented_voxels(
     return np.stack([voxels[:, :3].min(axis=0), voxels[:, :3].max(axis=0)])
 
 
-def _plane_box(bounds: np.ndarray, axis: int) -> torch.Tensor:
+def plane_box(bounds: np.ndarray, axis: int) -> torch.Tensor:
     """(x0, y0, x1, y1) of a slice: y along the first remaining axis, x along the second (the last tensor axis)."""
     rows, cols = [a for a in range(3) if a != axis]
     return torch.tensor([bounds[0, cols], bounds[0, rows], bounds[1, cols], bounds[1, rows]], dtype=torch.float32)
@@ -91,7 +91,7 @@ def json_box_prompts(
     for entry in entries:
         bounds = box_to_oriented_voxels(entry["box"], entry["space"], original_affine, oriented_affine)
         bounds = np.clip(np.round(bounds, 3), 0, np.asarray(shape, np.float64) - 1)
-        box = _plane_box(bounds, axis)
+        box = plane_box(bounds, axis)
         for s in range(int(np.ceil(bounds[0, axis])), int(np.floor(bounds[1, axis])) + 1):
             prompts.setdefault(s, []).append((int(entry["label"]), box.clone()))
     return prompts

@@ -19,8 +19,9 @@ from torch import nn
 
 from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.evaluation import case_metrics
-from samparser_monai.engines.prompts_3d import box_to_oriented_voxels, json_box_prompts, propagate_box
+from samparser_monai.engines.prompts_3d import box_to_oriented_voxels, json_box_prompts, plane_box, propagate_box
 from samparser_monai.engines.slice_inference import SlicePrompts, label_box_prompts, predict_volume
+from samparser_monai.errors import root_message
 from samparser_monai.transforms.pipelines import volume_transforms
 
 __all__ = ["PROMPT_SOURCES", "CaseOutcome", "VolumeSegmenter"]
@@ -43,12 +44,6 @@ class CaseOutcome:
     slices: int = 0
     seconds: float = 0.0
     metrics: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _root_message(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 class VolumeSegmenter:
@@ -110,11 +105,7 @@ class VolumeSegmenter:
             key = int(round(float(bounds[:, self.axis].mean())))
             if not 0 <= key < image.shape[self.axis + 1]:
                 continue
-            rows, cols = [a for a in range(3) if a != self.axis]
-            box = torch.tensor(
-                [bounds[0, cols], bounds[0, rows], bounds[1, cols], bounds[1, rows]], dtype=torch.float32
-            )
-            mask = propagate_box(self.network, image, key, box, self.axis)
+            mask = propagate_box(self.network, image, key, plane_box(bounds, self.axis), self.axis)
             out[mask & (out == 0)] = int(entry["label"])
         return out
 
@@ -146,7 +137,7 @@ class VolumeSegmenter:
                 self.qa_writer(case, data["image"], data.get("label"), prediction, prompts)
             outcome.output = self._save(data, prediction)
         except Exception as err:  # a bad case is reported and skipped; the batch goes on
-            outcome.status, outcome.reason = "skipped", _root_message(err)
+            outcome.status, outcome.reason = "skipped", root_message(err)
             logger.warning("case %s skipped: %s", case, outcome.reason)
         outcome.seconds = time.perf_counter() - start
         return outcome
