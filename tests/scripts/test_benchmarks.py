@@ -1,11 +1,13 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
-"""scripts/benchmark_layers.py runs as a command: table out, one-sentence error and non-zero exit on bad input."""
+"""The benchmark scripts run as commands: tables out, one-sentence errors and non-zero exits on bad input."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_layers.py"
 
@@ -36,3 +38,16 @@ def test_trunk_cache_benchmark_smoke_run():
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| 2 |" in result.stdout and "largest loss difference between the runs: 0.00e+00" in result.stdout
+
+
+def test_method_benchmark_smoke_run(tmp_path):
+    pytest.importorskip("peft", reason="the lora method needs the lora extra (peft)")
+    script = SCRIPT.parent / "benchmark.py"
+    out = tmp_path / "methods.md"
+    args = ["--backbone", "tiny", "--repeats", "1", "--output", str(out)]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    assert set(rows) >= {"decoder_only", "parser_paper", "parser_official", "parser_encoder", "lora", "full"}
+    assert "| 64 |" in rows["parser_paper"] and "| 496 |" in rows["parser_encoder"], "tiny SAM coefficient counts"
+    assert "| 0 |" in rows["decoder_only"] and "| 1.00 |" in rows["decoder_only"]
