@@ -115,8 +115,8 @@ def test_exactly_the_intended_parameters_train(tiny_checkpoint, policy, expected
 
 
 def test_policy_errors():
-    with pytest.raises(ValueError, match="Unknown trainable policy 'lora'"):
-        SamParser("tiny", trainable="lora")
+    with pytest.raises(ValueError, match="Unknown trainable policy 'adapters'"):
+        SamParser("tiny", trainable="adapters")
     with pytest.raises(ValueError, match="trains SVD coefficients: set coefficients="):
         SamParser("tiny", coefficients=None, trainable="parser")
 
