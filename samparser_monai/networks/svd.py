@@ -130,8 +130,10 @@ class SVDLayer(nn.Module):
         return self._factored_forward(x)
 
     def train(self, mode: bool = True) -> SVDLayer:
-        """Switch mode; the cached merged weight is dropped so it never outlives a training phase."""
-        self._cache = None
+        """Switch mode; entering training drops the cached merged weight (evaluators call ``eval()`` every
+        iteration, so it is kept there: its key already tracks every coefficient update)."""
+        if mode:
+            self._cache = None
         return super().train(mode)
 
     def _tokens(self, x: torch.Tensor) -> int:
