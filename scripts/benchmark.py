@@ -1,29 +1,44 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
-"""Cost of every fine-tuning method on one backbone, measured in the same run (the resource half of the benchmark).
+"""Every fine-tuning method side by side: cost (parameters, checkpoint size, step time, peak memory, inference time)
+and accuracy (fine-tuned through the bundle on real data, per-label 3D Dice and HD95 next to the zero-shot model).
 
-For each method: trainable encoder parameters, trainable parameters in all, the size of its saved checkpoint (what
-the bundle writes: only the trained tensors), the training step time and, on CUDA, the peak memory of a step as
-ratios to ``decoder_only``, and the inference time of the fine-tuned model (merged where it can be) as a ratio to the
-stock model. The accuracy half (fine-tuning every method on the hippocampus data) is not part of this script yet.
+Cost half, for each method on one backbone: trainable encoder parameters, trainable parameters in all, the size of
+its saved checkpoint (what the bundle writes: only the trained tensors), the training step time and, on CUDA, the
+peak memory of a step as ratios to ``decoder_only``, and the inference time of the fine-tuned model (merged where it
+can be) as a ratio to the stock model. Variants such as ``full+checkpointing`` or ``parser_encoder+bf16`` add rows
+with activation checkpointing of the encoder blocks or bf16/fp16 autocast in the training step.
 
-    python scripts/benchmark.py --backbone lite_medsam --output docs/benchmark_methods.md
+Accuracy half: every method fine-tuned with ``bundle/configs/train.json`` and its ``configs/methods`` preset on the
+training split of the hippocampus data (same budget, seed and box jitter), its checkpoint evaluated with
+``evaluate.json`` (label-derived boxes) next to the zero-shot model (see ``samparser_monai.engines.comparison``).
+
+    python scripts/benchmark.py --mode quick                      # both halves, quick budget (a 2-core CPU)
+    python scripts/benchmark.py --mode full --output-dir results  # the budget to quote (a GPU)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
+import math
+import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
 from samparser_monai.demo import demo_batch
+from samparser_monai.engines.comparison import BUDGETS, ZERO_SHOT, Budget, compare_methods
 from samparser_monai.networks import SamParser, coefficient_state, trainable_summary
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
 
 #: method -> SamParser arguments (the configs/methods presets).
 METHODS: dict[str, dict] = {
@@ -34,45 +49,67 @@ METHODS: dict[str, dict] = {
     "lora": {"coefficients": None, "trainable": "lora"},
     "full": {"coefficients": None, "trainable": "full"},
 }
+#: variant flags: ``method+flag[+flag]`` rows of the cost half.
+FLAGS = ("checkpointing", "bf16", "fp16", "official")
+#: cost-half defaults per mode: images per step and timed repeats.
+COST_DEFAULTS = {"quick": {"batch_size": 1, "repeats": 2}, "full": {"batch_size": 2, "repeats": 10}}
 
 
-def _median_time(step: Callable[[], None], repeats: int, device: torch.device) -> float:
+def parse_variant(name: str) -> tuple[str, dict, torch.dtype | None]:
+    """``"full+checkpointing+bf16"`` -> (method, SamParser arguments, autocast dtype); one sentence on a bad name."""
+    method, *flags = name.split("+")
+    if method not in METHODS or any(flag not in FLAGS for flag in flags):
+        raise ValueError(f"Unknown method or variant {name!r}: use a method of {list(METHODS)}, optionally with "
+                         f"'+flag' for flags {list(FLAGS)}.")  # fmt: skip
+    kwargs = {**METHODS[method], **({"checkpoint_blocks": True} if "checkpointing" in flags else {})}
+    if "official" in flags:  # the original code's factored form at this method's coverage
+        kwargs["form"] = "official"
+    dtype = torch.bfloat16 if "bf16" in flags else torch.float16 if "fp16" in flags else None
+    return method, kwargs, dtype
+
+
+def _median_time(step: Callable[[], None], repeats: int, device: torch.device, warmup: int = 1) -> float:
     times = []
-    for index in range(repeats + 1):  # the first call warms up
+    for index in range(repeats + warmup):  # the first calls warm up
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if index:
+        if index >= warmup:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 def measure(name: str, args: argparse.Namespace, device: torch.device, stock: SamParser) -> dict:
-    """Measure one method; see the module docstring. Inference alternates with the stock model, call by call, and
-    the ratio is the median of the per-call ratios (machine load drifts hit both alike)."""
-    model = SamParser(args.backbone, args.checkpoint, **METHODS[name]).to(device)
+    """Measure one method or variant; see the module docstring. Inference alternates with the stock model, call by
+    call, and the ratio is the median of the per-call ratios (machine load drifts hit both alike)."""
+    method, kwargs, dtype = parse_variant(name)
+    model = SamParser(args.backbone, args.checkpoint, **kwargs).to(device)
     summary = trainable_summary(model)
     encoder = sum(t for part, (t, _) in summary.items() if part.startswith("image_encoder"))
     buffer = io.BytesIO()
     torch.save(coefficient_state(model), buffer)
     images, masks, boxes = (t.to(device) for t in demo_batch(args.batch_size, model.image_size, seed=1))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
     def train_step() -> None:
         optimizer.zero_grad()
-        F.binary_cross_entropy_with_logits(model(images, boxes), masks).backward()
+        with autocast():
+            loss = F.binary_cross_entropy_with_logits(model(images, boxes).float(), masks)
+        loss.backward()
         optimizer.step()
 
     model.train()
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step = _median_time(train_step, args.repeats, device)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else float("nan")
+    step = _median_time(train_step, args.repeats, device, args.warmup)
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else math.nan
     model.eval()
-    if name != "parser_official":  # the original code cannot merge: it runs factored at inference
+    if kwargs.get("form") != "official":  # the original code cannot merge: it runs factored at inference
         model.merge()
     ratios = []
     with torch.no_grad():
@@ -84,13 +121,15 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, stock: Sa
             "step": step, "peak": peak, "infer": statistics.median(ratios)}  # fmt: skip
 
 
-def render(rows: list[dict], header: str) -> str:
-    """The Markdown table, ratios to decoder_only and to the stock model."""
+def render_cost(rows: list[dict], header: str) -> str:
+    """The cost table (Markdown), ratios to decoder_only and to the stock model."""
     base = next(r for r in rows if r["method"] == "decoder_only")
     lines = [header, "", "| method | trainable encoder | trainable total | checkpoint | step / decoder_only | "
              "peak memory / decoder_only | inference / stock |", "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        memory = "n/a (CPU)" if r["peak"] != r["peak"] else f"{r['peak'] / base['peak']:.2f}"
+        memory = (
+            "n/a (CPU)" if math.isnan(r["peak"]) else f"{r['peak'] / base['peak']:.2f} ({r['peak'] / 2**30:.2f} GiB)"
+        )
         lines.append(
             f"| {r['method']} | {r['encoder']:,} | {r['total']:,} | {r['bytes'] / 1e6:.1f} MB | "
             f"{r['step'] / base['step']:.2f} | {memory} | {r['infer']:.3f} |"
@@ -100,34 +139,135 @@ def render(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def render_accuracy(rows: list[dict], header: str) -> str:
+    """The accuracy table (Markdown): one row per method, Dice mean ± SD and HD95 per label."""
+    labels = sorted({(r["label"], r["label_name"]) for r in rows})
+    head = "| method | " + " | ".join(f"{name} Dice | {name} HD95 (mm)" for _, name in labels) + " | train s | eval s |"
+    lines = [header, "", head, "|---|" + "---:|---:|" * len(labels) + "---:|---:|"]
+    for method in dict.fromkeys(r["method"] for r in rows):
+        cells = []
+        for label, _ in labels:
+            r = next(r for r in rows if r["method"] == method and r["label"] == label)
+            empty = f" ({r['empty']} empty)" if r["empty"] else ""
+            cells.append(f"{r['dice']:.4f} ± {r['dice_sd']:.4f} | {r['hd95']:.2f}{empty}")
+        first = next(r for r in rows if r["method"] == method)
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {first['train_s']:.0f} | {first['eval_s']:.0f} |")
+    cases = max(r["cases"] for r in rows)
+    lines += ["", f"Dice: mean ± SD over {cases} validation case(s); HD95: mean over cases with a non-empty prediction "
+              "(an empty prediction has no finite HD95 and is counted instead)."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy(rows: list[dict], path: Path) -> Path | None:
+    """Bar chart of Dice per method and label (PNG); None where matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib).", file=sys.stderr)
+        return None
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    labels = sorted({(r["label"], r["label_name"]) for r in rows})
+    width = 0.8 / len(labels)
+    fig, ax = plt.subplots(figsize=(1.3 * len(methods) + 2, 3.6))
+    for i, (label, name) in enumerate(labels):
+        picked = [next(r for r in rows if r["method"] == m and r["label"] == label) for m in methods]
+        xs = [j + (i - (len(labels) - 1) / 2) * width for j in range(len(methods))]
+        ax.bar(xs, [r["dice"] for r in picked], width, yerr=[r["dice_sd"] for r in picked], label=name, capsize=2)
+    ax.set_xticks(range(len(methods)), methods, rotation=20)
+    ax.set_ylabel("3D Dice")
+    ax.set_ylim(0, 1)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_cost(args: argparse.Namespace, device: torch.device) -> str:
+    """The cost half; returns its Markdown table."""
+    names = list(dict.fromkeys(["decoder_only", *args.methods, *args.variants]))
+    for name in names:
+        parse_variant(name)
+    stock = SamParser(args.backbone, args.checkpoint, coefficients=None, trainable="decoder").to(device).eval()
+    rows = [measure(name, args, device, stock) for name in tqdm(names, desc="cost", unit="method")]
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    header = (f"{args.backbone} on {card}, torch {torch.__version__}, batch {args.batch_size}, "
+              f"{args.repeats} repeats after {args.warmup} warm-up step(s)")  # fmt: skip
+    return render_cost(rows, header)
+
+
+def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> str:
+    """The accuracy half; writes ``accuracy.csv`` and ``accuracy.png`` in ``out`` and returns its Markdown table."""
+    if not Path(args.dataset_dir).is_dir():
+        raise FileNotFoundError(f"dataset '{args.dataset_dir}' does not exist: pass --dataset-dir <MSD task folder>.")
+    base = BUDGETS[args.mode]
+    budget = Budget(
+        epochs=args.epochs or base.epochs,
+        samples_per_epoch=base.samples_per_epoch if args.samples is None else args.samples,
+        batch_size=args.train_batch or base.batch_size,
+        val_cases=base.val_cases if args.val_cases is None else args.val_cases,
+        num_workers=base.num_workers if args.workers is None else args.workers,
+    )
+    (out / "accuracy.csv").unlink(missing_ok=True)
+    methods = [ZERO_SHOT, *[m for m in args.methods if m in METHODS]]
+    extra = {"backbone": args.backbone, "base_checkpoint": args.checkpoint}
+    start = time.perf_counter()
+    rows = compare_methods(methods, args.dataset_dir, out / "runs", budget, ROOT, device=str(device),
+                           cache_gb=args.cache_gb, extra=extra)  # fmt: skip
+    minutes = (time.perf_counter() - start) / 60
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    header = (f"{args.backbone} on {card}, torch {torch.__version__}, mode {args.mode}: {budget.describe()}; "
+              f"{minutes:.1f} min in all")  # fmt: skip
+    plot_accuracy(rows, out / "accuracy.png")
+    return render_accuracy(rows, header)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the benchmark; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=["all", "cost", "accuracy"], default="all", help="which half (default all)")
+    parser.add_argument("--mode", choices=list(BUDGETS), default="quick",
+                        help="budget: quick (a 2-core CPU, minutes) or full (the one to quote; a GPU)")  # fmt: skip
     parser.add_argument("--backbone", default="lite_medsam", help="backbone (default lite_medsam)")
     parser.add_argument("--checkpoint", default=None, help="base checkpoint path (ViT backbones)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
-    parser.add_argument("--batch-size", type=int, default=2, help="images per step (default 2)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (default 3)")
+    parser.add_argument("--variants", nargs="*", default=[], help=f"extra cost rows: method+flag, flags {FLAGS}")
+    parser.add_argument("--batch-size", type=int, help="cost half: images per step (quick 1, full 2)")
+    parser.add_argument("--repeats", type=int, help="cost half: timed repeats per measurement (quick 2, full 10)")
+    parser.add_argument("--warmup", type=int, default=1, help="cost half: untimed training steps first (default 1)")
+    parser.add_argument("--dataset-dir", default=str(DEFAULT_DATA), help="accuracy half: MSD hippocampus folder")
+    parser.add_argument("--epochs", type=int, help="accuracy half: override the mode's epochs")
+    parser.add_argument("--samples", type=int, help="accuracy half: slices per epoch (0: all)")
+    parser.add_argument("--train-batch", type=int, help="accuracy half: slices per training step")
+    parser.add_argument("--val-cases", type=int, help="accuracy half: validation cases (0: all)")
+    parser.add_argument("--workers", type=int, help="accuracy half: data loader workers")
+    parser.add_argument("--cache-gb", type=float, default=4.0, help="accuracy half: shared trunk cache budget")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
-    parser.add_argument("--output", help="also write the Markdown table to this file")
+    parser.add_argument("--output-dir", default="benchmark_results", help="where tables, CSV, plot and runs go")
     args = parser.parse_args(argv)
-    methods = list(dict.fromkeys(["decoder_only", *args.methods]))
+    for key, value in COST_DEFAULTS[args.mode].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    out = Path(args.output_dir)
     device = torch.device(args.device)
-    rows = []
     try:
-        stock = SamParser(args.backbone, args.checkpoint, coefficients=None, trainable="decoder").to(device).eval()
-        for name in tqdm(methods, desc="methods", unit="method"):
-            rows.append(measure(name, args, device, stock))
-    except (ImportError, ValueError, FileNotFoundError) as err:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.part in ("all", "cost"):
+            table = run_cost(args, device)
+            (out / "cost.md").write_text(table)
+            print(table, flush=True)
+        if args.part in ("all", "accuracy"):
+            table = run_accuracy(args, device, out)
+            (out / "accuracy.md").write_text(table)
+            print(table, flush=True)
+    except (ImportError, ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    header = f"{args.backbone} on {name}, torch {torch.__version__}, batch {args.batch_size}, {args.repeats} repeats"
-    table = render(rows, header)
-    print(table)
-    if args.output:
-        with open(args.output, "w") as handle:
-            handle.write(table)
+    print(f"results in {out.resolve()}")
     return 0
 
 

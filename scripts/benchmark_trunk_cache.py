@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=8, help="training slices per epoch (default 8)")
     parser.add_argument("--batch-size", type=int, default=2, help="slices per step (default 2)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     args = parser.parse_args(argv)
     if args.epochs < 2:
         print("error: --epochs must be 2 or more to compare later epochs with the first.", file=sys.stderr)
@@ -58,14 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     steps = 2 * args.epochs * -(-args.slices // args.batch_size)
     with tqdm(total=steps, desc="training", unit="step") as progress:
         for cached in (False, True):
-            model = SamParser(args.backbone, args.checkpoint, coefficients="paper", cache_trunk=cached)
-            images, masks, boxes = demo_batch(args.slices, model.image_size, seed=1)
+            model = SamParser(args.backbone, args.checkpoint, coefficients="paper", cache_trunk=cached).to(args.device)
+            batch = demo_batch(args.slices, model.image_size, seed=1)
+            images, masks, boxes = (t.to(args.device) for t in batch)
             runs[cached] = _train(model, images, masks, boxes, args.epochs, args.batch_size, progress)
     plain_times, plain_losses = runs[False]
     cached_times, cached_losses = runs[True]
     difference = max(abs(a - b) for a, b in zip(plain_losses, cached_losses))
     setting = f"{args.slices} slices, batch {args.batch_size}, {args.epochs} epochs"
-    print(f"torch {torch.__version__}, {args.backbone}, {setting}")
+    card = torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else "CPU"
+    print(f"torch {torch.__version__}, {args.backbone} on {card}, {setting}")
     print("| epoch | without cache (s) | with cache (s) | cached / first cached epoch |")
     print("|---:|---:|---:|---:|")
     for epoch, (a, b) in enumerate(zip(plain_times, cached_times), start=1):

@@ -22,11 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
-import SimpleITK as sitk
 from monai.data import ImageReader
-from monai.utils import ensure_tuple
-from pydicom.errors import InvalidDicomError
+from monai.utils import ensure_tuple, optional_import
 
 __all__ = [
     "DicomError",
@@ -36,6 +33,12 @@ __all__ = [
     "read_dicom_series",
     "sitk_to_ras_affine",
 ]
+
+# optional at import time: the package imports without them (DICOM is one input format among several); a DICOM
+# function used without them raises an OptionalImportError naming the package
+pydicom, _ = optional_import("pydicom")
+sitk, _ = optional_import("SimpleITK")
+InvalidDicomError, _ = optional_import("pydicom.errors", name="InvalidDicomError")
 
 logger = logging.getLogger(__name__)
 

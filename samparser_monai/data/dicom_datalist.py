@@ -9,15 +9,17 @@ import os
 from collections.abc import Hashable, Mapping
 from pathlib import Path
 
-import pydicom
-import SimpleITK as sitk
 import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
+from monai.utils import optional_import
 
 from samparser_monai.data.dicom import load_dicom_seg_label
 
 __all__ = ["LoadDicomSegd", "dicom_datalist"]
+
+pydicom, _ = optional_import("pydicom")
+sitk, _ = optional_import("SimpleITK")
 
 logger = logging.getLogger(__name__)
 

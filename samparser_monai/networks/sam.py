@@ -64,7 +64,7 @@ class SamParser(nn.Module):
             :class:`~samparser_monai.networks.trunk_cache.TrunkFeatureCache`), so later epochs skip the trunk; only
             when nothing before the neck trains (``coefficients="paper"`` or ``None`` and a policy other than
             ``"full"``).
-        cache_max_gb: memory budget of that cache, in GiB.
+        cache_max_gb: memory budget of that cache, in GiB of the memory where the trunk runs.
         lora_rank: rank of the LoRA adapters of the ``"lora"`` policy (needs ``peft``: the ``lora`` extra).
         lora_targets: linear layers (name suffixes) that get LoRA adapters; default SAM's attention ``qkv``.
         checkpoint_blocks: recompute each encoder block's activations in the backward pass instead of keeping them
@@ -113,7 +113,8 @@ class SamParser(nn.Module):
         self.decomposed = apply_svd(self.image_encoder, coefficients, form) if coefficients else []
         self.lora_layers = apply_lora(self.image_encoder, lora_rank, lora_targets) if trainable == "lora" else []
         self.trainable = trainable
-        self.trunk_cache = TrunkFeatureCache(int(cache_max_gb * (1 << 30))) if cache_trunk else None
+        # features stay where they were computed (on a GPU, moving them to the host would cost what the trunk does)
+        self.trunk_cache = TrunkFeatureCache(int(cache_max_gb * (1 << 30)), device=None) if cache_trunk else None
         if checkpoint_blocks:
             _checkpoint_encoder_blocks(self.image_encoder)
         self.set_trainable(trainable)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from samparser_monai.networks import SamParser
-from samparser_monai.networks.trunk_cache import TrunkFeatureCache
+from samparser_monai.networks.trunk_cache import TrunkFeatureCache, trunk_fingerprint
 
 BOXES = torch.tensor([[[10.0, 12.0, 70.0, 90.0]], [[20.0, 30.0, 110.0, 100.0]]])
 
@@ -58,3 +59,30 @@ def test_cache_refuses_a_trained_trunk():
         SamParser("tiny", coefficients="encoder", cache_trunk=True)
     with pytest.raises(ValueError, match="cache_trunk needs a frozen encoder trunk"):
         SamParser("tiny", coefficients=None, trainable="full", cache_trunk=True)
+
+
+def test_trunk_fingerprint_follows_the_trunk_weights_only(tiny_checkpoint, other_tiny_checkpoint):
+    paper = SamParser("tiny", tiny_checkpoint, coefficients="paper", trainable="parser")
+    stock = SamParser("tiny", tiny_checkpoint, coefficients=None, trainable="decoder")
+    other = SamParser("tiny", other_tiny_checkpoint, coefficients=None, trainable="decoder")
+    assert trunk_fingerprint(paper.image_encoder) == trunk_fingerprint(stock.image_encoder), "neck is not trunk"
+    assert trunk_fingerprint(stock.image_encoder) != trunk_fingerprint(other.image_encoder)
+    encoder = nn.Sequential(nn.BatchNorm1d(3))  # a 0-d buffer (num_batches_tracked) must hash too
+    before = trunk_fingerprint(encoder)
+    encoder[0].num_batches_tracked += 1
+    assert trunk_fingerprint(encoder) != before
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_cache_keys_follow_the_bytes_exactly(in_place):
+    cache = TrunkFeatureCache(hash_in_place=in_place)  # in place: the accelerator path, run here on the CPU
+    image = torch.rand(3, 32, 32)
+    nudged = image.clone()
+    nudged[2, 31, 31] = torch.nextafter(nudged[2, 31, 31], torch.tensor(2.0))
+    assert cache.key(image) == cache.key(image.clone())
+    assert cache.key(image) != cache.key(nudged), "one ulp in the last pixel changes the key"
+    assert cache.key(image) != cache.key(image.reshape(3, 16, 64)), "the shape is part of the key"
+    odd = torch.randint(0, 255, (3, 5, 7), dtype=torch.uint8)  # byte count not a multiple of 4
+    changed = odd.clone()
+    changed[-1, -1, -1] ^= 1
+    assert cache.key(odd) != cache.key(changed)

@@ -43,11 +43,24 @@ def test_trunk_cache_benchmark_smoke_run():
 def test_method_benchmark_smoke_run(tmp_path):
     pytest.importorskip("peft", reason="the lora method needs the lora extra (peft)")
     script = SCRIPT.parent / "benchmark.py"
-    out = tmp_path / "methods.md"
-    args = ["--backbone", "tiny", "--repeats", "1", "--output", str(out)]
+    args = ["--part", "cost", "--backbone", "tiny", "--repeats", "1", "--output-dir", str(tmp_path)]
+    args += ["--variants", "full+checkpointing+bf16", "parser_encoder+official"]
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = {line.split("|")[1].strip(): line for line in out.read_text().splitlines() if line.startswith("| ")}
+    table = (tmp_path / "cost.md").read_text()
+    rows = {line.split("|")[1].strip(): line for line in table.splitlines() if line.startswith("| ")}
     assert set(rows) >= {"decoder_only", "parser_paper", "parser_official", "parser_encoder", "lora", "full"}
     assert "| 64 |" in rows["parser_paper"] and "| 496 |" in rows["parser_encoder"], "tiny SAM coefficient counts"
     assert "| 0 |" in rows["decoder_only"] and "| 1.00 |" in rows["decoder_only"]
+    assert "| 496 |" in rows["parser_encoder+official"], "a variant keeps its method's coverage"
+    assert rows["full+checkpointing+bf16"].split("|")[3] == rows["full"].split("|")[3], "same trainable total"
+
+
+def test_method_benchmark_refuses_bad_input_in_one_sentence(tmp_path):
+    script = SCRIPT.parent / "benchmark.py"
+    run = [sys.executable, str(script), "--backbone", "tiny", "--output-dir", str(tmp_path)]
+    result = subprocess.run([*run, "--part", "cost", "--variants", "full+fast"], capture_output=True, text=True)
+    assert result.returncode == 1 and "Unknown method or variant 'full+fast'" in result.stderr
+    missing = tmp_path / "nowhere"
+    result = subprocess.run([*run, "--part", "accuracy", "--dataset-dir", str(missing)], capture_output=True, text=True)
+    assert result.returncode == 1 and f"dataset '{missing}' does not exist" in result.stderr

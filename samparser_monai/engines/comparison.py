@@ -1,0 +1,217 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Accuracy of every fine-tuning method through the bundle itself: train with ``train.json`` and a method preset,
+evaluate the saved checkpoint with ``evaluate.json``, and collect per-label Dice and HD95.
+
+Every method runs the same configs with the same overrides (budget, seed, box jitter, split); only the method
+preset differs. The zero-shot row evaluates the stock model (``eval_checkpoint`` None). Methods whose encoder trunk
+is the stock frozen trunk (zero-shot, ``decoder_only``, ``parser_paper``, ``parser_official``) share one trunk
+feature cache, so the trunk runs once per slice for all of them: exact, since their trunks are the same weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import logging
+import math
+import os
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.bundle import ConfigParser
+
+from samparser_monai.engines.workflow import latest_checkpoint
+from samparser_monai.networks.trunk_cache import TrunkFeatureCache, trunk_fingerprint
+
+__all__ = ["BUDGETS", "ZERO_SHOT", "Budget", "compare_methods", "run_bundle", "summarise_metrics"]
+
+logger = logging.getLogger(__name__)
+
+#: Name of the row that evaluates the stock model without training.
+ZERO_SHOT = "zero_shot"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Training and evaluation budget shared by every method.
+
+    Attributes:
+        epochs: training epochs.
+        samples_per_epoch: training slices drawn per epoch (0: every slice of the training split).
+        batch_size: slices per training step.
+        val_cases: validation cases evaluated (0: the whole validation split).
+        num_workers: data loader workers of the training run.
+    """
+
+    epochs: int
+    samples_per_epoch: int
+    batch_size: int
+    val_cases: int
+    num_workers: int = 0
+
+    def describe(self) -> str:
+        """One line for the report."""
+        samples = "all training slices" if not self.samples_per_epoch else f"{self.samples_per_epoch} slices"
+        cases = "all validation cases" if not self.val_cases else f"the first {self.val_cases} validation cases"
+        return f"{self.epochs} epoch(s) of {samples}, batch {self.batch_size}; evaluated on {cases}"
+
+
+#: ``quick`` fits a 2-core CPU in minutes (a smoke-level budget: it shows the pipeline, not converged accuracy);
+#: ``full`` is the comparison to quote (meant for a GPU).
+BUDGETS: dict[str, Budget] = {
+    "quick": Budget(epochs=1, samples_per_epoch=16, batch_size=2, val_cases=2),
+    "full": Budget(epochs=3, samples_per_epoch=0, batch_size=8, val_cases=0, num_workers=4),
+}
+
+
+def run_bundle(
+    config_files: Sequence[str | os.PathLike],
+    overrides: Mapping[str, Any],
+    run_id: str,
+    trunk_caches: dict[str, TrunkFeatureCache] | None = None,
+    cache_bytes: int = 4 << 30,
+) -> ConfigParser:
+    """Run ``initialize`` then ``run_id`` of a bundle config in this process, as ``monai.bundle run`` would.
+
+    Args:
+        config_files: config files, later ones overriding earlier ones (bundle config, then presets).
+        overrides: id -> value overrides, as ``--id value`` on the command line.
+        run_id: the expression list to run (``training``, ``evaluating``).
+        trunk_caches: feature caches shared between runs, by :func:`trunk_fingerprint`: a network that enables
+            its own cache (``cache_trunk``; the rule of when caching is exact stays the network's) gets the shared
+            cache of its trunk weights instead, so networks with other trunk weights never share features.
+        cache_bytes: memory budget of each new shared cache (kept on the device that computed the features).
+
+    Returns:
+        The parser, so callers can read what the run produced.
+    """
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    parser.update(dict(overrides))
+    parser.get_parsed_content("initialize")  # seeds first: the network's own initialisation (LoRA) draws from it
+    network = parser.get_parsed_content("network_def")
+    if trunk_caches is not None and getattr(network, "trunk_cache", None) is not None:
+        key = trunk_fingerprint(network.image_encoder)
+        network.trunk_cache = trunk_caches.setdefault(key, TrunkFeatureCache(cache_bytes, device=None))
+    parser.get_parsed_content(run_id)
+    return parser
+
+
+def summarise_metrics(metrics_csv: str | os.PathLike) -> list[dict[str, Any]]:
+    """Per-label mean and SD of Dice and the mean finite HD95 from an evaluation's ``metrics.csv``.
+
+    Cases where a label was predicted empty have an infinite HD95: they are counted (``empty``), not averaged.
+    """
+    with open(metrics_csv, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    out = []
+    for label in sorted({int(r["label"]) for r in rows}):
+        picked = [r for r in rows if int(r["label"]) == label and not math.isnan(float(r["dice"]))]
+        dice = [float(r["dice"]) for r in picked]
+        hd95 = [float(r["hd95"]) for r in picked]
+        finite = [h for h in hd95 if math.isfinite(h)]
+        out.append(
+            {
+                "label": label,
+                "label_name": picked[0]["label_name"] if picked else str(label),
+                "cases": len(picked),
+                "dice": statistics.fmean(dice) if dice else math.nan,
+                "dice_sd": statistics.stdev(dice) if len(dice) > 1 else 0.0,
+                "hd95": statistics.fmean(finite) if finite else math.nan,
+                "empty": len(hd95) - len(finite),
+            }
+        )
+    return out
+
+
+def _append_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        if new:
+            writer.writeheader()
+        writer.writerows(rows)
+
+
+def compare_methods(
+    methods: Sequence[str],
+    dataset_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    budget: Budget,
+    repo_root: str | os.PathLike,
+    dataset_preset: str = "msd_hippocampus",
+    seed: int = 0,
+    device: str | None = None,
+    cache_gb: float = 4.0,
+    extra: Mapping[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Fine-tune and evaluate each method (``ZERO_SHOT``: evaluate only), appending to ``<output_dir>/accuracy.csv``.
+
+    Args:
+        methods: names of ``configs/methods/*.json`` presets, or :data:`ZERO_SHOT`.
+        dataset_dir: the dataset (MSD layout for the hippocampus preset).
+        output_dir: one bundle root per method below it, and the CSV.
+        budget: the shared training and evaluation budget.
+        repo_root: the repository holding ``bundle/`` and ``configs/``.
+        dataset_preset: name of the ``configs/datasets`` preset.
+        seed: seed of the split, the sampling, the box jitter and the initialisation.
+        device: torch device (default: the bundle's choice).
+        cache_gb: memory budget of the shared trunk cache (kept on the device that computed the features).
+        extra: more overrides for every run (e.g. ``{"backbone": "tiny"}``).
+
+    Returns:
+        One row per method and label: Dice mean/SD, HD95, empty predictions, training and evaluation seconds.
+    """
+    root, out = Path(repo_root), Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    bundle = root / "bundle" / "configs"
+    shared: dict[str, TrunkFeatureCache] = {}
+    cache_bytes = int(cache_gb * (1 << 30))
+    common: dict[str, Any] = {
+        "dataset_dir": str(dataset_dir),
+        "seed": seed,
+        "epochs": budget.epochs,
+        "samples_per_epoch": budget.samples_per_epoch,
+        "batch_size": budget.batch_size,
+        "num_workers": budget.num_workers,
+        "val_interval": budget.epochs + 1,  # no validation while training: every method is scored the same way
+        "use_tensorboard": False,
+        **({"device": f"$torch.device('{device}')"} if device else {}),
+        **dict(extra or {}),
+    }
+    if budget.val_cases:
+        common["validate#datalist"] = f"$@datalists[1][:{budget.val_cases}]"
+    results: list[dict[str, Any]] = []
+    for method in methods:
+        preset = "decoder_only" if method == ZERO_SHOT else method
+        files = [bundle / "train.json", root / "configs" / "datasets" / f"{dataset_preset}.json"]
+        files.append(root / "configs" / "methods" / f"{preset}.json")
+        run = {**common, "bundle_root": str(out / method)}
+        start = time.perf_counter()
+        checkpoint = None
+        if method != ZERO_SHOT:
+            run_bundle(files, run, "training", shared, cache_bytes)
+            checkpoint = latest_checkpoint(out / method / "models")
+            if checkpoint is None:
+                raise RuntimeError(f"Training {method} saved no checkpoint in {out / method / 'models'}.")
+        trained = time.perf_counter()
+        gc.collect()
+        evaluation = {**run, "eval_checkpoint": checkpoint, "eval_output_dir": str(out / method / "evaluation")}
+        run_bundle([*files[:1], bundle / "evaluate.json", *files[1:]], evaluation, "evaluating", shared, cache_bytes)
+        done = time.perf_counter()
+        rows = [
+            {"method": method, **row, "train_s": round(trained - start, 1), "eval_s": round(done - trained, 1)}
+            for row in summarise_metrics(out / method / "evaluation" / "metrics.csv")
+        ]
+        _append_rows(out / "accuracy.csv", rows)
+        results.extend(rows)
+        logger.info("%s: %s", method, ", ".join(f"{r['label_name']} Dice {r['dice']:.4f}" for r in rows))
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return results
