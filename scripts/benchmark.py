@@ -52,7 +52,10 @@ METHODS: dict[str, dict] = {
 #: variant flags: ``method+flag[+flag]`` rows of the cost half.
 FLAGS = ("checkpointing", "bf16", "fp16", "official")
 #: cost-half defaults per mode: images per step and timed repeats.
-COST_DEFAULTS = {"quick": {"batch_size": 1, "repeats": 2}, "full": {"batch_size": 2, "repeats": 10}}
+COST_DEFAULTS = {
+    "quick": {"batch_size": 1, "repeats": 2, "warmup": 1},
+    "full": {"batch_size": 2, "repeats": 10, "warmup": 5},
+}
 
 
 def parse_variant(name: str) -> tuple[str, dict, torch.dtype | None]:
@@ -238,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", default=[], help=f"extra cost rows: method+flag, flags {FLAGS}")
     parser.add_argument("--batch-size", type=int, help="cost half: images per step (quick 1, full 2)")
     parser.add_argument("--repeats", type=int, help="cost half: timed repeats per measurement (quick 2, full 10)")
-    parser.add_argument("--warmup", type=int, default=1, help="cost half: untimed training steps first (default 1)")
+    parser.add_argument("--warmup", type=int, help="cost half: untimed training steps first (quick 1, full 5)")
     parser.add_argument("--dataset-dir", default=str(DEFAULT_DATA), help="accuracy half: MSD hippocampus folder")
     parser.add_argument("--epochs", type=int, help="accuracy half: override the mode's epochs")
     parser.add_argument("--samples", type=int, help="accuracy half: slices per epoch (0: all)")

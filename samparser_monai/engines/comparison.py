@@ -3,9 +3,10 @@
 evaluate the saved checkpoint with ``evaluate.json``, and collect per-label Dice and HD95.
 
 Every method runs the same configs with the same overrides (budget, seed, box jitter, split); only the method
-preset differs. The zero-shot row evaluates the stock model (``eval_checkpoint`` None). Methods whose encoder trunk
-is the stock frozen trunk (zero-shot, ``decoder_only``, ``parser_paper``, ``parser_official``) share one trunk
-feature cache, so the trunk runs once per slice for all of them: exact, since their trunks are the same weights.
+preset differs. The zero-shot row evaluates the stock model (``zero_shot`` true in ``evaluate.json``). Runs whose
+network caches its trunk features (zero-shot, ``decoder_only``, ``parser_paper``: the stock frozen trunk) share one
+cache per trunk weights, so the trunk runs once per slice for all of them; ``parser_official`` keeps the original
+code's behaviour (no cache). Exact: a cache is shared only between equal trunk weights.
 """
 
 from __future__ import annotations
@@ -201,7 +202,8 @@ def compare_methods(
                 raise RuntimeError(f"Training {method} saved no checkpoint in {out / method / 'models'}.")
         trained = time.perf_counter()
         gc.collect()
-        evaluation = {**run, "eval_checkpoint": checkpoint, "eval_output_dir": str(out / method / "evaluation")}
+        evaluation = {**run, "eval_output_dir": str(out / method / "evaluation")}
+        evaluation.update({"zero_shot": True} if checkpoint is None else {"eval_checkpoint": checkpoint})
         run_bundle([*files[:1], bundle / "evaluate.json", *files[1:]], evaluation, "evaluating", shared, cache_bytes)
         done = time.perf_counter()
         rows = [

@@ -100,6 +100,15 @@ def test_2d_folder_preset_trains(tmp_path):
     assert "validation val_mean_dice: best" in result.stdout
 
 
+def test_evaluate_the_stock_model_from_the_command_line(tmp_path, small_dataset):
+    configs = [str(CONFIGS / "train.json"), str(CONFIGS / "evaluate.json")]
+    flags = _flags(tiny_overrides(tmp_path, small_dataset))
+    result = _bundle("run", "evaluating", "--config_file", json.dumps(configs), *flags, "--zero_shot", "true")
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = tmp_path / "bundle" / "eval" / "evaluation" / "metrics.csv"
+    assert metrics.is_file() and ",none (stock model)" in metrics.read_text(), "the rows say no checkpoint was loaded"
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     configs = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")]

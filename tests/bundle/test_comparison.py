@@ -40,7 +40,7 @@ def test_compare_methods_trains_each_method_through_the_bundle(small_dataset, tm
 
 def test_shared_trunk_cache_changes_no_number(small_dataset, tmp_path):
     files = [CONFIGS / "train.json", CONFIGS / "evaluate.json"]
-    base = {"dataset_dir": str(small_dataset), "backbone": "tiny", "val_fraction": 0.34, "eval_checkpoint": None}
+    base = {"dataset_dir": str(small_dataset), "backbone": "tiny", "val_fraction": 0.34, "zero_shot": True}
     run_bundle(files, {**base, "eval_output_dir": str(tmp_path / "alone")}, "evaluating")
     caches: dict[str, TrunkFeatureCache] = {}
     for name in ("first", "second"):

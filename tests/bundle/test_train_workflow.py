@@ -156,3 +156,10 @@ def test_inference_bundle_writes_label_maps_in_the_input_geometry(tmp_path):
     output = nib.load(written[0])
     assert output.shape == source.shape and np.allclose(output.affine, affine, atol=1e-5)
     assert set(np.unique(output.get_fdata())) <= {0.0, 1.0, 2.0}
+
+
+def test_amp_dtype_reaches_the_trainer_and_the_evaluator(tmp_path, small_dataset):
+    override = tiny_overrides(tmp_path, small_dataset, amp_dtype="bfloat16")
+    workflow = _workflow(["train.json"], **override)
+    for engine in ("train#trainer", "validate#evaluator"):
+        assert workflow.parser.get_parsed_content(engine).amp_kwargs == {"dtype": torch.bfloat16}, engine
