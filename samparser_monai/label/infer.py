@@ -1,0 +1,114 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""MONAI Label infer task: an ROI and/or clicks from 3D Slicer become box prompts, segmented by the same
+:class:`~samparser_monai.engines.volume_inference.VolumeSegmenter` as ``samparser-infer``, returned in the image's
+own geometry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+from samparser_monai.data.datalists import case_id
+from samparser_monai.engines.volume_inference import VolumeSegmenter
+from samparser_monai.label._monailabel import HTTPException, InferTask, InferType
+from samparser_monai.label.config import LabelConfig
+from samparser_monai.label.geometry import read_geometry
+from samparser_monai.label.model import LiveModel
+from samparser_monai.label.prompts import RequestError, plan_prompts
+from samparser_monai.label.refine import refine_file
+
+__all__ = ["SamParserInferTask"]
+
+logger = logging.getLogger(__name__)
+
+
+class SamParserInferTask(InferTask):
+    """Box-prompted 3D segmentation for MONAI Label clients (deepgrow-style: the mask goes to the selected segment).
+
+    Request parameters: ``roi`` (``[i0, i1, j0, j1, k0, k1]``), ``foreground`` and ``background`` clicks
+    (``[[i, j, k], ...]``), optional ``label`` (segment name, echoed) and ``click_box_mm``; all in voxel indices of
+    the stored image. See :mod:`samparser_monai.label.prompts` for how they become prompts. Bad prompts are answered
+    with HTTP 400 and one sentence; a result file (NIfTI, value 1 on the object) has the image's shape and affine.
+
+    Args:
+        model: the served network, reloaded when a new coefficient checkpoint is published.
+        config: the app's settings (intensity preset, slicing axis, batch size, click box size, labels).
+    """
+
+    def __init__(self, model: LiveModel, config: LabelConfig) -> None:
+        super().__init__(
+            type=InferType.DEEPGROW,
+            labels=list(config.labels),
+            dimension=3,
+            description=f"SAM-PARSER {config.backbone}: 3D mask from an ROI or clicks (box prompts, slice by slice)",
+            config={"click_box_mm": config.click_box_mm},
+        )
+        self.model, self.settings = model, config
+
+    def is_valid(self) -> bool:
+        """Always servable: the stock base model needs no trained checkpoint."""
+        return True
+
+    def get_path(self, validate: bool = True) -> str | None:
+        """The coefficient checkpoint served now (None: the stock base model)."""
+        path = self.model.locate()
+        return str(path) if path is not None else None
+
+    def __call__(self, request: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """Segment ``request["image"]`` from the request's prompts; returns the label map path and result params.
+
+        Raises:
+            HTTPException: 404 for a missing image, 400 for bad prompts, 422 when nothing could be segmented.
+        """
+        start = time.perf_counter()
+        image = request.get("image")
+        if not isinstance(image, str) or not os.path.isfile(image):
+            raise HTTPException(status_code=404, detail=f"Image {image!r} was not found; pick an image of the studies.")
+        try:
+            plan = plan_prompts(request, read_geometry(image), self.settings.axis, self.settings.click_box_mm)
+        except RequestError as err:
+            raise HTTPException(status_code=err.status, detail=str(err)) from err
+        except ValueError as err:  # unreadable header
+            raise HTTPException(status_code=422, detail=str(err)) from err
+        try:
+            network, checkpoint = self.model.current()
+        except (ValueError, FileNotFoundError) as err:  # a published checkpoint that cannot be loaded
+            raise HTTPException(status_code=500, detail=f"The model could not be loaded: {err}") from err
+        loaded = time.perf_counter()
+        work = tempfile.mkdtemp(prefix="samparser_label_")
+        try:
+            segmenter = VolumeSegmenter(
+                network, work, self.settings.intensity, self.settings.axis, self.settings.batch_size
+            )
+            outcome = segmenter.segment({"image": image, "case": case_id(image)}, plan.source, plan.boxes)
+            if outcome.status != "ok":
+                raise HTTPException(
+                    status_code=422,
+                    detail=f"Nothing was segmented ({outcome.reason}); draw the roi around the object or click on it.",
+                )
+            voxels = refine_file(outcome.output, plan)
+            handle, result = tempfile.mkstemp(suffix=".nii.gz", prefix="samparser_label_")
+            os.close(handle)
+            shutil.move(outcome.output, result)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        done = time.perf_counter()
+        params = {
+            "label": request.get("label") or self.settings.labels[0],
+            "prompt": plan.source,
+            "boxes": plan.boxes,
+            "slices": outcome.slices,
+            "foreground_voxels": voxels,
+            "checkpoint": checkpoint,
+            "latencies": {
+                "load": round(loaded - start, 3),
+                "infer": round(done - loaded, 3),
+                "total": round(done - start, 3),
+            },
+        }
+        logger.info("segmented %s from %s prompts: %d voxels in %.1f s", image, plan.source, voxels, done - start)
+        return result, params
