@@ -53,7 +53,7 @@ METHODS: dict[str, dict] = {
 FLAGS = ("checkpointing", "bf16", "fp16", "official")
 #: cost-half defaults per mode: images per step and timed repeats.
 COST_DEFAULTS = {
-    "quick": {"batch_size": 1, "repeats": 2, "warmup": 1},
+    "quick": {"batch_size": 1, "repeats": 1, "warmup": 1},
     "full": {"batch_size": 2, "repeats": 10, "warmup": 5},
 }
 
@@ -240,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="methods to run")
     parser.add_argument("--variants", nargs="*", default=[], help=f"extra cost rows: method+flag, flags {FLAGS}")
     parser.add_argument("--batch-size", type=int, help="cost half: images per step (quick 1, full 2)")
-    parser.add_argument("--repeats", type=int, help="cost half: timed repeats per measurement (quick 2, full 10)")
+    parser.add_argument("--repeats", type=int, help="cost half: timed repeats per measurement (quick 1, full 10)")
     parser.add_argument("--warmup", type=int, help="cost half: untimed training steps first (quick 1, full 5)")
     parser.add_argument("--dataset-dir", default=str(DEFAULT_DATA), help="accuracy half: MSD hippocampus folder")
     parser.add_argument("--epochs", type=int, help="accuracy half: override the mode's epochs")

@@ -23,7 +23,10 @@ def test_readme_has_exactly_two_setup_commands_and_ci_runs_the_test_one():
     install, test = commands
     assert "torch==2.14.1 torchvision==0.29.1" in install
     assert "python -m monai.bundle run training --meta_file bundle/configs/metadata.json" in install
-    assert test in (ROOT / ".ci" / "run").read_text().splitlines()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert test in ci.splitlines()
+    extras = re.search(r'pip install -e "(\.\[[^\]]+\])"', install).group(1)
+    assert f'pip install --quiet -e "{extras}"' in ci, "CI installs the extras the README installs"
 
 
 @pytest.mark.slow

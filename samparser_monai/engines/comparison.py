@@ -65,7 +65,7 @@ class Budget:
 #: ``quick`` fits a 2-core CPU in minutes (a smoke-level budget: it shows the pipeline, not converged accuracy);
 #: ``full`` is the comparison to quote (meant for a GPU).
 BUDGETS: dict[str, Budget] = {
-    "quick": Budget(epochs=1, samples_per_epoch=16, batch_size=2, val_cases=2),
+    "quick": Budget(epochs=1, samples_per_epoch=16, batch_size=2, val_cases=1),
     "full": Budget(epochs=3, samples_per_epoch=0, batch_size=8, val_cases=0, num_workers=4),
 }
 
