@@ -270,3 +270,11 @@ def test_exported_vit_b_loads_into_segment_anything_and_gives_the_merged_models_
     assert agreement >= 0.999, f"binary masks agree on {agreement:.5f} of the pixels"
     scale = max(1.0, ours.abs().max().item())
     assert (stock_logits - ours).abs().max().item() < 1e-3 * scale
+
+
+@pytest.mark.parametrize("junk", [b"abcd", b"not a checkpoint", b"PK\x03\x04 truncated zip"])
+def test_junk_coefficient_checkpoint_is_one_sentence(tmp_path, junk):
+    path = tmp_path / "model.pt"
+    path.write_bytes(junk)
+    with pytest.raises(ExportError, match="could not be read .*: pass the model.pt that training wrote"):
+        read_coefficient_checkpoint(path)
