@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import math
 import os
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from samparser_monai.demo import demo_batch
-from samparser_monai.engines.comparison import BUDGETS, ZERO_SHOT, Budget, compare_methods
+from samparser_monai.engines.comparison import BUDGETS, ZERO_SHOT, compare_methods
 from samparser_monai.networks import SamParser, coefficient_state, trainable_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -207,14 +208,9 @@ def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> s
     """The accuracy half; writes ``accuracy.csv`` and ``accuracy.png`` in ``out`` and returns its Markdown table."""
     if not Path(args.dataset_dir).is_dir():
         raise FileNotFoundError(f"dataset '{args.dataset_dir}' does not exist: pass --dataset-dir <MSD task folder>.")
-    base = BUDGETS[args.mode]
-    budget = Budget(
-        epochs=args.epochs or base.epochs,
-        samples_per_epoch=base.samples_per_epoch if args.samples is None else args.samples,
-        batch_size=args.train_batch or base.batch_size,
-        val_cases=base.val_cases if args.val_cases is None else args.val_cases,
-        num_workers=base.num_workers if args.workers is None else args.workers,
-    )
+    given = {"epochs": args.epochs, "samples_per_epoch": args.samples, "batch_size": args.train_batch,
+             "val_cases": args.val_cases, "num_workers": args.workers}  # fmt: skip
+    budget = dataclasses.replace(BUDGETS[args.mode], **{k: v for k, v in given.items() if v is not None})
     (out / "accuracy.csv").unlink(missing_ok=True)
     methods = [ZERO_SHOT, *[m for m in args.methods if m in METHODS]]
     extra = {"backbone": args.backbone, "base_checkpoint": args.checkpoint}

@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import nibabel as nib
 import numpy as np
 
-__all__ = ["ImageGeometry", "read_geometry"]
+from samparser_monai.data.dicom import sitk_to_ras_affine
 
-_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+__all__ = ["ImageGeometry", "read_geometry"]
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,5 @@ def read_geometry(path: str | os.PathLike) -> ImageGeometry:
         raise ValueError(
             f"Image '{path}' could not be read ({type(err).__name__}); is it a NIfTI or NRRD volume?"
         ) from err
-    dim = reader.GetDimension()
-    spacing = np.asarray(reader.GetSpacing(), np.float64)
-    direction = np.asarray(reader.GetDirection(), np.float64).reshape(dim, dim)
-    affine = np.eye(4)
-    affine[:dim, :dim] = direction * spacing
-    affine[:dim, 3] = reader.GetOrigin()
-    return ImageGeometry(tuple(int(s) for s in reader.GetSize()), _LPS_TO_RAS @ affine)
+    # an ImageFileReader answers the same geometry calls as the image it would read
+    return ImageGeometry(tuple(int(n) for n in reader.GetSize()), sitk_to_ras_affine(reader))

@@ -49,43 +49,50 @@ class TrunkFeatureCache:
         self.max_bytes, self.device, self.hash_in_place = int(max_bytes), device, hash_in_place
         self.store: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.bytes = self.hits = self.misses = 0
-        self._weights: dict[tuple[int, str], torch.Tensor] = {}
+        self._weights: tuple[tuple[int, str], torch.Tensor] | None = None
 
     def key(self, image: torch.Tensor) -> str:
-        """Hash of one preprocessed image (its dtype, shape and bytes).
+        """Hash of one preprocessed image (its dtype, shape and bytes); see :meth:`keys`."""
+        return self.keys(image[None])[0]
+
+    def keys(self, images: torch.Tensor) -> list[str]:
+        """Hashes of a batch of preprocessed images (each one's dtype, shape and bytes).
 
         On the CPU: BLAKE2b of the bytes. On an accelerator the bytes stay there: copying a 1024 px image to the host
-        and hashing it costs more than a ViT-B trunk on a current GPU, so two 64-bit linear hashes of its 32-bit
-        words with fixed random odd multipliers (arithmetic mod 2^64) are computed in place; two different images
-        collide with a probability of the order of 2^-64. Either way the key is exact in practice: equal images
-        give equal keys, and the key never depends on where in a batch the image sits.
+        and hashing it costs more than a ViT-B trunk on a current GPU, so two 64-bit linear hashes of each image's
+        32-bit words with fixed random odd multipliers (arithmetic mod 2^64) are computed in place, for the whole
+        batch at once; two different images collide with a probability of the order of 2^-64. Either way equal
+        images give equal keys, whatever their place in a batch.
         """
-        data = image.detach().contiguous()
-        head = f"{data.dtype}{tuple(data.shape)}"
+        data = images.detach().contiguous()
+        head = f"{data.dtype}{tuple(data.shape[1:])}"
         in_place = self.hash_in_place if self.hash_in_place is not None else data.device.type != "cpu"
         if not in_place:
-            data = data.cpu()
-            digest = hashlib.blake2b(digest_size=16)
-            digest.update(head.encode())
-            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
-            return digest.hexdigest()
-        raw = data.reshape(-1).view(torch.uint8)
-        raw = torch.nn.functional.pad(raw, (0, -raw.numel() % 4)) if raw.numel() % 4 else raw
-        words = raw.view(torch.int32).to(torch.int64)
-        hashes = (words.unsqueeze(0) * self._multipliers(words.numel(), words.device)).sum(dim=1)
-        return head + ":" + ":".join(f"{int(h) & (2**64 - 1):016x}" for h in hashes.tolist())
+            out = []
+            for image in data.cpu():
+                digest = hashlib.blake2b(digest_size=16)
+                digest.update(head.encode())
+                digest.update(image.reshape(-1).view(torch.uint8).numpy().tobytes())
+                out.append(digest.hexdigest())
+            return out
+        raw = data.reshape(len(data), -1).view(torch.uint8)
+        raw = torch.nn.functional.pad(raw, (0, -raw.shape[1] % 4)) if raw.shape[1] % 4 else raw
+        words = raw.view(torch.int32).to(torch.int64)  # B x n
+        multipliers = self._multipliers(words.shape[1], words.device)
+        hashes = torch.stack([(words * row).sum(dim=1) for row in multipliers], dim=1)  # B x 2, sums wrap mod 2^64
+        return [head + ":" + ":".join(f"{h & (2**64 - 1):016x}" for h in row) for row in hashes.tolist()]
 
     def _multipliers(self, n: int, device: torch.device) -> torch.Tensor:
-        key = (n, str(device))
-        if key not in self._weights:
+        """Two rows of ``n`` random odd multipliers, seeded by ``n``; kept for the last size (one size in practice)."""
+        if self._weights is None or self._weights[0] != (n, str(device)):
             g = torch.Generator().manual_seed(n)
             weights = torch.randint(-(2**62), 2**62, (2, n), generator=g, dtype=torch.int64) * 2 + 1
-            self._weights = {key: weights.to(device)}  # one image size at a time in practice
-        return self._weights[key]
+            self._weights = ((n, str(device)), weights.to(device))
+        return self._weights[1]
 
     def __call__(self, images: torch.Tensor, trunk: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """Trunk features of ``images`` (``B x ...``): cached ones reused, the others computed in one batch."""
-        keys = [self.key(image) for image in images]
+        keys = self.keys(images)
         out: list[torch.Tensor | None] = [None] * len(keys)
         for i, k in enumerate(keys):  # hits first, so storing the misses cannot evict what this batch needs
             if k in self.store:
