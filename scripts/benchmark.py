@@ -216,7 +216,7 @@ def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> s
     extra = {"backbone": args.backbone, "base_checkpoint": args.checkpoint}
     start = time.perf_counter()
     rows = compare_methods(methods, args.dataset_dir, out / "runs", budget, ROOT, device=str(device),
-                           cache_gb=args.cache_gb, extra=extra)  # fmt: skip
+                           cache_gb=args.cache_gb, extra=extra, csv_path=out / "accuracy.csv")  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     header = (f"{args.backbone} on {card}, torch {torch.__version__}, mode {args.mode}: {budget.describe()}; "

@@ -16,6 +16,7 @@ import gc
 import logging
 import math
 import os
+import shutil
 import statistics
 import time
 from collections.abc import Mapping, Sequence
@@ -150,8 +151,12 @@ def compare_methods(
     device: str | None = None,
     cache_gb: float = 4.0,
     extra: Mapping[str, Any] | None = None,
+    csv_path: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Fine-tune and evaluate each method (``ZERO_SHOT``: evaluate only), appending to ``<output_dir>/accuracy.csv``.
+    """Fine-tune and evaluate each method (``ZERO_SHOT``: evaluate only), appending its rows to a CSV as it finishes.
+
+    Each method starts afresh: checkpoints and evaluations left in its folder by an earlier comparison are removed
+    first, so a shorter rerun never scores an older, longer run's checkpoint.
 
     Args:
         methods: names of ``configs/methods/*.json`` presets, or :data:`ZERO_SHOT`.
@@ -164,6 +169,7 @@ def compare_methods(
         device: torch device (default: the bundle's choice).
         cache_gb: memory budget of the shared trunk cache (kept on the device that computed the features).
         extra: more overrides for every run (e.g. ``{"backbone": "tiny"}``).
+        csv_path: the CSV rows are appended to (default ``<output_dir>/accuracy.csv``).
 
     Returns:
         One row per method and label: Dice mean/SD, HD95, empty predictions, training and evaluation seconds.
@@ -193,6 +199,8 @@ def compare_methods(
         files = [bundle / "train.json", root / "configs" / "datasets" / f"{dataset_preset}.json"]
         files.append(root / "configs" / "methods" / f"{preset}.json")
         run = {**common, "bundle_root": str(out / method)}
+        for stale in ("models", "evaluation"):  # outputs of an earlier comparison in the same folder
+            shutil.rmtree(out / method / stale, ignore_errors=True)
         start = time.perf_counter()
         checkpoint = None
         if method != ZERO_SHOT:
@@ -210,7 +218,7 @@ def compare_methods(
             {"method": method, **row, "train_s": round(trained - start, 1), "eval_s": round(done - trained, 1)}
             for row in summarise_metrics(out / method / "evaluation" / "metrics.csv")
         ]
-        _append_rows(out / "accuracy.csv", rows)
+        _append_rows(Path(csv_path) if csv_path else out / "accuracy.csv", rows)
         results.extend(rows)
         logger.info("%s: %s", method, ", ".join(f"{r['label_name']} Dice {r['dice']:.4f}" for r in rows))
         gc.collect()

@@ -38,6 +38,19 @@ def test_compare_methods_trains_each_method_through_the_bundle(small_dataset, tm
     assert "checkpoint_epoch=1.pt" in settings, "the evaluation scored the checkpoint the training saved"
 
 
+def test_a_shorter_rerun_in_the_same_folder_scores_its_own_checkpoint(small_dataset, tmp_path):
+    runs, table = tmp_path / "runs", tmp_path / "table.csv"
+    two_epochs = Budget(epochs=2, samples_per_epoch=2, batch_size=2, val_cases=1)
+    compare_methods(["decoder_only"], small_dataset, runs, two_epochs, ROOT, extra={"backbone": "tiny"})
+    assert (runs / "decoder_only" / "models" / "checkpoint_epoch=2.pt").is_file()
+    compare_methods(["decoder_only"], small_dataset, runs, BUDGET, ROOT, extra={"backbone": "tiny"}, csv_path=table)
+    models = sorted(p.name for p in (runs / "decoder_only" / "models").glob("checkpoint_epoch=*.pt"))
+    assert models == ["checkpoint_epoch=1.pt"], "the earlier run's checkpoints are gone"
+    assert "checkpoint_epoch=1.pt" in (runs / "decoder_only" / "evaluation" / "metrics.csv").read_text()
+    with open(table, newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 2, "the rows go to csv_path: one per label"
+
+
 def test_shared_trunk_cache_changes_no_number(small_dataset, tmp_path):
     files = [CONFIGS / "train.json", CONFIGS / "evaluate.json"]
     base = {"dataset_dir": str(small_dataset), "backbone": "tiny", "val_fraction": 0.34, "zero_shot": True}

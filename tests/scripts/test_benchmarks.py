@@ -64,3 +64,21 @@ def test_method_benchmark_refuses_bad_input_in_one_sentence(tmp_path):
     missing = tmp_path / "nowhere"
     result = subprocess.run([*run, "--part", "accuracy", "--dataset-dir", str(missing)], capture_output=True, text=True)
     assert result.returncode == 1 and f"dataset '{missing}' does not exist" in result.stderr
+
+
+def test_method_benchmark_accuracy_half_writes_one_runs_rows(tmp_path):
+    """Run twice into the same folder: the table, CSV and plot hold the last run only (zero-shot + the method)."""
+    from samparser_monai.data import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "Task00_Demo", n_cases=3, shape=(32, 36, 10), seed=1)
+    script = SCRIPT.parent / "benchmark.py"
+    args = ["--part", "accuracy", "--backbone", "tiny", "--methods", "decoder_only", "--dataset-dir", str(data)]
+    args += ["--samples", "2", "--val-cases", "1", "--output-dir", str(tmp_path / "out")]
+    for _ in range(2):
+        result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+    rows = (tmp_path / "out" / "accuracy.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4, "a header and one row per method and label, of the last run only"
+    assert {row.split(",")[0] for row in rows[1:]} == {"zero_shot", "decoder_only"}
+    assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0
+    assert "| decoder_only |" in (tmp_path / "out" / "accuracy.md").read_text()
