@@ -146,8 +146,9 @@ def render_cost(rows: list[dict], header: str) -> str:
 def render_accuracy(rows: list[dict], header: str) -> str:
     """The accuracy table (Markdown): one row per method, Dice mean ± SD and HD95 per label."""
     labels = sorted({(r["label"], r["label_name"]) for r in rows})
-    head = "| method | " + " | ".join(f"{name} Dice | {name} HD95 (mm)" for _, name in labels) + " | train s | eval s |"
-    lines = [header, "", head, "|---|" + "---:|---:|" * len(labels) + "---:|---:|"]
+    head = "| method | " + " | ".join(f"{name} Dice | {name} HD95 (mm)" for _, name in labels)
+    head += " | train s | eval s | step ms | data ms |"
+    lines = [header, "", head, "|---|" + "---:|---:|" * len(labels) + "---:|---:|---:|---:|"]
     for method in dict.fromkeys(r["method"] for r in rows):
         cells = []
         for label, _ in labels:
@@ -155,10 +156,14 @@ def render_accuracy(rows: list[dict], header: str) -> str:
             empty = f" ({r['empty']} empty)" if r["empty"] else ""
             cells.append(f"{r['dice']:.4f} ± {r['dice_sd']:.4f} | {r['hd95']:.2f}{empty}")
         first = next(r for r in rows if r["method"] == method)
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {first['train_s']:.0f} | {first['eval_s']:.0f} |")
+        timing = " | ".join(f"{first[k]:.1f}" if first[k] != "" else "-" for k in ("step_ms", "data_ms"))
+        lines.append(
+            f"| {method} | " + " | ".join(cells) + f" | {first['train_s']:.0f} | {first['eval_s']:.0f} | {timing} |"
+        )
     cases = max(r["cases"] for r in rows)
     lines += ["", f"Dice: mean ± SD over {cases} validation case(s); HD95: mean over cases with a non-empty prediction "
-              "(an empty prediction has no finite HD95 and is counted instead)."]  # fmt: skip
+              "(an empty prediction has no finite HD95 and is counted instead). step ms / data ms: mean training step "
+              "and wait for the next batch, per step."]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -13,6 +13,7 @@ from samparser_monai.engines.slice_inference import (
 from samparser_monai.engines.workflow import (
     DATASET_FORMATS,
     RunReport,
+    TimingReport,
     bundle_datalists,
     dataset_label_names,
     latest_checkpoint,
@@ -23,6 +24,7 @@ __all__ = [
     "CaseMetricsWriter",
     "LabelBoxSliceInferer",
     "RunReport",
+    "TimingReport",
     "SliceDiceMetric",
     "SlicePrompts",
     "TrainableState",

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-from samparser_monai.engines.workflow import latest_checkpoint
+from samparser_monai.engines.workflow import TimingReport, latest_checkpoint
 from samparser_monai.networks.trunk_cache import TrunkFeatureCache, trunk_fingerprint
 
 __all__ = ["BUDGETS", "ZERO_SHOT", "Budget", "compare_methods", "run_bundle", "summarise_metrics"]
@@ -131,6 +131,14 @@ def summarise_metrics(metrics_csv: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def _training_timing(parser: ConfigParser) -> dict[str, float]:
+    """Mean data wait and step time of a finished training run (its ``TimingReport``; empty when switched off)."""
+    for handler in parser.get_parsed_content("train#handlers"):
+        if isinstance(handler, TimingReport):
+            return handler.stats()
+    return {}
+
+
 def _append_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as handle:
@@ -172,7 +180,8 @@ def compare_methods(
         csv_path: the CSV rows are appended to (default ``<output_dir>/accuracy.csv``).
 
     Returns:
-        One row per method and label: Dice mean/SD, HD95, empty predictions, training and evaluation seconds.
+        One row per method and label: Dice mean/SD, HD95, empty predictions, training and evaluation seconds, and the
+        training's mean step time and data wait per step in ms (blank for zero-shot).
     """
     root, out = Path(repo_root), Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -202,9 +211,10 @@ def compare_methods(
         for stale in ("models", "evaluation"):  # outputs of an earlier comparison in the same folder
             shutil.rmtree(out / method / stale, ignore_errors=True)
         start = time.perf_counter()
-        checkpoint = None
+        checkpoint, timing = None, {}
         if method != ZERO_SHOT:
-            run_bundle(files, run, "training", shared, cache_bytes)
+            parser = run_bundle(files, run, "training", shared, cache_bytes)
+            timing = _training_timing(parser)
             checkpoint = latest_checkpoint(out / method / "models")
             if checkpoint is None:
                 raise RuntimeError(f"Training {method} saved no checkpoint in {out / method / 'models'}.")
@@ -215,7 +225,14 @@ def compare_methods(
         run_bundle([*files[:1], bundle / "evaluate.json", *files[1:]], evaluation, "evaluating", shared, cache_bytes)
         done = time.perf_counter()
         rows = [
-            {"method": method, **row, "train_s": round(trained - start, 1), "eval_s": round(done - trained, 1)}
+            {
+                "method": method,
+                **row,
+                "train_s": round(trained - start, 1),
+                "eval_s": round(done - trained, 1),
+                "step_ms": round(timing["step_ms"], 1) if timing else "",
+                "data_ms": round(timing["data_ms"], 1) if timing else "",
+            }
             for row in summarise_metrics(out / method / "evaluation" / "metrics.csv")
         ]
         _append_rows(Path(csv_path) if csv_path else out / "accuracy.csv", rows)

@@ -11,12 +11,20 @@ import re
 from pathlib import Path
 
 from ignite.engine import Engine, Events
+from ignite.handlers import BasicTimeProfiler
 
 from samparser_monai.data.datalists import folder_datalist, image_folder_datalist, msd_datalist, split_by_case
 from samparser_monai.data.demo import DEMO_DATASET, make_demo_dataset
 from samparser_monai.data.dicom_datalist import dicom_datalist
 
-__all__ = ["DATASET_FORMATS", "RunReport", "bundle_datalists", "dataset_label_names", "latest_checkpoint"]
+__all__ = [
+    "DATASET_FORMATS",
+    "RunReport",
+    "TimingReport",
+    "bundle_datalists",
+    "dataset_label_names",
+    "latest_checkpoint",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -128,3 +136,45 @@ class RunReport:
         if latest:
             lines.append(f"latest checkpoint (resume with --resume true): {os.path.abspath(latest)}")
         print("\n".join(lines), flush=True)
+
+
+class TimingReport:
+    """At the end of a run, where its time went: waiting for data, the training step, and the handlers.
+
+    Wraps Ignite's :class:`~ignite.handlers.BasicTimeProfiler` and prints one line, e.g. ``time per step (430
+    steps): data 4.6 ms, step 46.2 ms; handlers 12.0 s in all (validation included)``. A data time close to the step
+    time means the loader is the limit (raise ``num_workers``). On a GPU the step returns once its kernels are
+    queued, so work still running is counted where the next host sync happens (the loss logging handler).
+    """
+
+    def __init__(self) -> None:
+        self.profiler = BasicTimeProfiler()
+
+    def attach(self, engine: Engine) -> None:
+        """Profile ``engine`` and print the line when it completes."""
+        self.profiler.attach(engine)
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def stats(self) -> dict[str, float]:
+        """``steps`` run, mean ``data_ms`` and ``step_ms`` per step, and ``handlers_s`` in all, so far."""
+        ran = self.profiler.processing_times > 0  # the iterations this run did (a resumed run skips the first ones)
+        steps = int(ran.sum())
+        mean_ms = lambda times: float(times[ran].mean()) * 1000 if steps else 0.0  # noqa: E731
+        handlers = sum(float(times.sum()) for times in self.profiler.event_handlers_times.values())
+        return {
+            "steps": steps,
+            "data_ms": mean_ms(self.profiler.dataflow_times),
+            "step_ms": mean_ms(self.profiler.processing_times),
+            "handlers_s": handlers,
+        }
+
+    def summary(self) -> str:
+        """The line, from :meth:`stats`."""
+        s = self.stats()
+        return (
+            f"time per step ({s['steps']} steps): data {s['data_ms']:.1f} ms, step {s['step_ms']:.1f} ms; "
+            f"handlers {s['handlers_s']:.1f} s in all (validation included)"
+        )
+
+    def __call__(self, engine: Engine) -> None:
+        print(self.summary(), flush=True)

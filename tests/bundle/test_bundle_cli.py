@@ -120,6 +120,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("training finished after epoch 1") == 1, "rank 0 alone reports"
+    assert result.stdout.count("time per step (") == 1, "rank 0 alone profiles"
     models = tmp_path / "bundle" / "models"
     assert (models / "model.pt").is_file() and (models / "checkpoint_epoch=1.pt").is_file()
     state = torch.load(models / "model.pt", weights_only=True)

@@ -29,6 +29,8 @@ def test_compare_methods_trains_each_method_through_the_bundle(small_dataset, tm
     ]
     assert {r["label_name"] for r in rows} == {"head", "body"}, "names come from the dataset.json"
     assert all(0.0 <= r["dice"] <= 1.0 and r["cases"] == 1 for r in rows)
+    assert all(r["step_ms"] > 0 and r["data_ms"] >= 0 for r in rows if r["method"] != ZERO_SHOT), "training timing"
+    assert all(r["step_ms"] == r["data_ms"] == "" for r in rows if r["method"] == ZERO_SHOT), "nothing trained"
     assert not (tmp_path / ZERO_SHOT / "models").exists(), "zero-shot evaluates the stock model, trains nothing"
     for method in ("decoder_only", "parser_paper"):
         assert list((tmp_path / method / "models").glob("checkpoint_epoch=1.pt")), method

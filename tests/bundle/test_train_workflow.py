@@ -52,16 +52,18 @@ def test_one_epoch_saves_only_trainable_state_and_validates(tmp_path, small_data
     workflow.finalize()
 
 
-def test_resume_continues_from_the_saved_epoch(tmp_path, small_dataset):
+def test_resume_continues_from_the_saved_epoch(tmp_path, small_dataset, capsys):
     first = _train(tmp_path, small_dataset)
     first.run()
     first.finalize()
+    assert re.search(r"time per step \(2 steps\): data \d+\.\d ms, step \d+\.\d ms", capsys.readouterr().out)
     resumed = _train(tmp_path, small_dataset, epochs=2, resume=True)
     trainer = resumed.parser.get_parsed_content("train#trainer")
     started = []
     trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: started.append(engine.state.epoch))
     resumed.run()
     assert started == [2], "epoch 1 was saved: the resumed run must only train epoch 2"
+    assert "time per step (2 steps)" in capsys.readouterr().out, "the timing covers the steps this run did"
     assert trainer.state.epoch == 2
     assert latest_checkpoint(tmp_path / "bundle" / "models").endswith("checkpoint_epoch=2.pt")
     resumed.finalize()

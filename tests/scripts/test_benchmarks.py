@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,4 +82,7 @@ def test_method_benchmark_accuracy_half_writes_one_runs_rows(tmp_path):
     assert len(rows) == 1 + 4, "a header and one row per method and label, of the last run only"
     assert {row.split(",")[0] for row in rows[1:]} == {"zero_shot", "decoder_only"}
     assert (tmp_path / "out" / "accuracy.png").stat().st_size > 0
-    assert "| decoder_only |" in (tmp_path / "out" / "accuracy.md").read_text()
+    table = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "| train s | eval s | step ms | data ms |" in table
+    assert re.search(r"\| zero_shot \|.* \| - \| - \|", table), "zero-shot trains nothing: no step timing"
+    assert re.search(r"\| decoder_only \|.* \| \d+\.\d \| \d+\.\d \|", table), "training step and data wait"
