@@ -10,6 +10,7 @@ import os
 import re
 from pathlib import Path
 
+import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import BasicTimeProfiler
 
@@ -159,7 +160,10 @@ class TimingReport:
         """``steps`` run, mean ``data_ms`` and ``step_ms`` per step, and ``handlers_s`` in all, so far."""
         ran = self.profiler.processing_times > 0  # the iterations this run did (a resumed run skips the first ones)
         steps = int(ran.sum())
-        mean_ms = lambda times: float(times[ran].mean()) * 1000 if steps else 0.0  # noqa: E731
+
+        def mean_ms(times: torch.Tensor) -> float:
+            return float(times[ran].mean()) * 1000 if steps else 0.0
+
         handlers = sum(float(times.sum()) for times in self.profiler.event_handlers_times.values())
         return {
             "steps": steps,
