@@ -44,6 +44,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "export_merged",
+    "merged_model",
     "main",
     "read_coefficient_checkpoint",
     "stock_loader_hint",
@@ -108,6 +109,40 @@ def read_coefficient_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         f"'{path}' is neither a SAM-PARSER coefficient state nor a training checkpoint holding one under 'model'; "
         "pass bundle/models/model.pt or a checkpoint_epoch=N.pt written by the bundle's training."
     )
+
+
+def merged_model(
+    backbone: str,
+    base_checkpoint: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    **network_kwargs: Any,
+) -> SamParser:
+    """The merged, eval-mode network for inference: the stock base model, or the base with a coefficient
+    checkpoint (:func:`read_coefficient_checkpoint`) loaded and merged, so it runs at stock speed.
+
+    The checkpoint says which coefficients and trainable policy it was saved with; ``network_kwargs`` add other
+    :class:`~samparser_monai.networks.SamParser` options (e.g. ``lora_rank``); training-only ones are ignored.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist.
+        ValueError: the checkpoint is unreadable or belongs to another base model (one sentence).
+    """
+    kwargs: dict[str, Any] = {"coefficients": None, "trainable": "decoder"}  # no checkpoint: the stock model, no SVD
+    state = None
+    if checkpoint is not None:
+        state = read_coefficient_checkpoint(checkpoint)
+        kwargs = {
+            **network_kwargs,
+            "coefficients": state["coefficients"],
+            "trainable": state.get("trainable", "parser"),
+        }
+    for key in ("form", "cache_trunk", "checkpoint_blocks"):  # training-only options
+        kwargs.pop(key, None)
+    model = SamParser(backbone, None if base_checkpoint is None else os.fspath(base_checkpoint), **kwargs)
+    if state is not None:
+        load_coefficient_state(model, state)
+    return model.merge().eval().to(device)
 
 
 def stock_loader_hint(backbone: str, path: str = "<file>") -> str:

@@ -26,7 +26,7 @@ from samparser_monai.data.datalists import case_id, msd_datalist
 from samparser_monai.engines.prompts_3d import load_box_json
 from samparser_monai.engines.qa import QAWriter
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
-from samparser_monai.networks import SamParser, load_coefficient_state
+from samparser_monai.export import merged_model
 
 __all__ = ["collect_inputs", "main"]
 
@@ -114,19 +114,6 @@ def _write_csv(path: str, rows: list[dict]) -> None:
             writer.writerows(rows)
 
 
-def _build_model(args: argparse.Namespace) -> SamParser:
-    coefficients, trainable = "paper", "parser"
-    state = None
-    if args.checkpoint:
-        state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
-        state = state.get("model", state) if isinstance(state, dict) and "format" not in state else state
-        coefficients, trainable = state.get("coefficients"), state.get("trainable", "parser")
-    model = SamParser(args.backbone, args.base_checkpoint, coefficients=coefficients, trainable=trainable)
-    if state is not None:
-        load_coefficient_state(model, state)
-    return model.merge().eval().to(args.device)  # merged: stock speed, no SVD work at inference
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run batch inference; returns 0 when every case was segmented, 1 when any was skipped or the run failed."""
     args = _parse(argv)
@@ -146,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 1
     try:
-        model = _build_model(args)
+        model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint or None, args.device)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -9,11 +9,10 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-from samparser_monai.export import read_coefficient_checkpoint
+from samparser_monai.export import merged_model
 from samparser_monai.label.config import LabelConfig
-from samparser_monai.networks import SamParser, load_coefficient_state
+from samparser_monai.networks import SamParser
 
 __all__ = ["LiveModel", "build_model"]
 
@@ -21,27 +20,11 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(config: LabelConfig, checkpoint: str | os.PathLike | None = None) -> SamParser:
-    """The merged, eval-mode network: the stock base model, or the base with a coefficient checkpoint loaded.
-
-    The checkpoint says which coefficients and which trainable policy it was saved with; the method preset only adds
-    its ``network_def#...`` options (e.g. the LoRA rank).
-
-    Raises:
-        FileNotFoundError: the checkpoint does not exist.
-        ValueError: the checkpoint is unreadable or belongs to another base model (one sentence).
-    """
-    kwargs: dict[str, Any] = {"coefficients": None, "trainable": "decoder"}  # zero-shot: the stock model, no SVD
-    state = None
-    if checkpoint is not None:
-        state = read_coefficient_checkpoint(checkpoint)
-        kwargs = {**config.preset_network_kwargs(), "coefficients": state["coefficients"]}
-        kwargs["trainable"] = state.get("trainable", "parser")
-    for key in ("form", "cache_trunk", "checkpoint_blocks"):  # training-only options
-        kwargs.pop(key, None)
-    model = SamParser(config.backbone, config.base_checkpoint, **kwargs)
-    if state is not None:
-        load_coefficient_state(model, state)
-    return model.merge().eval().to(config.device)
+    """The served network: :func:`~samparser_monai.export.merged_model` of the app's base and ``checkpoint``, with
+    the method preset's ``network_def#...`` options (e.g. the LoRA rank)."""
+    return merged_model(
+        config.backbone, config.base_checkpoint, checkpoint, config.device, **config.preset_network_kwargs()
+    )
 
 
 class LiveModel:
