@@ -7,6 +7,7 @@ later cached epoch to the first, and the largest difference between the two runs
 is float32 rounding at most).
 
     python scripts/benchmark_trunk_cache.py --backbone lite_medsam --slices 8 --epochs 3
+    python scripts/benchmark_trunk_cache.py --backbone lite_medsam --breakdown   # where a step goes, part by part
 """
 
 from __future__ import annotations
@@ -42,6 +43,68 @@ def _train(model: SamParser, images, masks, boxes, epochs: int, batch_size: int,
     return times, losses
 
 
+def _timed(fn, repeats: int, device: str) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if str(device).startswith("cuda"):
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def breakdown(model: SamParser, images, masks, boxes, device: str, repeats: int = 3) -> str:
+    """Where one training step of the paper preset goes, part by part, and the operator calls of a cached step.
+
+    The trunk forward is what the cache skips; the neck (forward and backward, its coefficients train) and the mask
+    decoder with the loss (forward and backward) are what a cached step still runs.
+    """
+    model.train()
+    loss_fn = DiceCELoss(sigmoid=True)
+    x = model.preprocess(images)[0]
+    with torch.no_grad():
+        features = model._trunk(x)
+        embeddings = model.image_encoder.neck(features)
+    embeddings.requires_grad_(True)
+
+    def trunk() -> None:
+        with torch.no_grad():
+            model._trunk(x)
+
+    def neck() -> None:
+        model.image_encoder.neck(features).sum().backward()
+
+    def decoder() -> None:
+        loss_fn(model.decode(embeddings, boxes, images.shape[-2:]), masks).backward()
+
+    parts = {name: _timed(fn, repeats, device) for name, fn in (("trunk forward", trunk), ("neck forward + backward",
+             neck), ("decoder + loss forward + backward", decoder))}  # fmt: skip
+    total = sum(parts.values())
+    lines = [f"| part (batch {len(images)}) | s | share of an uncached step |", "|---|---:|---:|"]
+    lines += [f"| {name} | {s:.3f} | {s / total:.3f} |" for name, s in parts.items()]
+    floor = (total - parts["trunk forward"]) / total
+    lines.append(f"floor of a cached step against an uncached one: {floor:.3f}")
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model(images, boxes)  # fill the trunk cache (the model is built with cache_trunk=True)
+
+    def cached_step() -> None:
+        optimizer.zero_grad()
+        loss_fn(model(images, boxes), masks).backward()
+        optimizer.step()
+
+    with torch.profiler.profile() as prof:
+        cached_step()
+    calls = sum(1 for event in prof.events() if event.cpu_parent is None)
+    lines.append(f"top-level operator calls in a cached step (forward, backward, AdamW): {calls}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the comparison; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -51,7 +114,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2, help="slices per step (default 2)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run (default 3)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--breakdown", action="store_true", help="instead: time a step part by part (trunk, neck, "
+                        "decoder) and count a cached step's operator calls")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.breakdown:
+        model = SamParser(args.backbone, args.checkpoint, coefficients="paper", cache_trunk=True).to(args.device)
+        batch = demo_batch(args.batch_size, model.image_size, seed=1)
+        print(breakdown(model, *(t.to(args.device) for t in batch), device=args.device))
+        return 0
     if args.epochs < 2:
         print("error: --epochs must be 2 or more to compare later epochs with the first.", file=sys.stderr)
         return 1

@@ -41,6 +41,17 @@ def test_trunk_cache_benchmark_smoke_run():
     assert "| 2 |" in result.stdout and "largest loss difference between the runs: 0.00e+00" in result.stdout
 
 
+def test_trunk_cache_breakdown_times_each_part_and_counts_operator_calls():
+    script = SCRIPT.parent / "benchmark_trunk_cache.py"
+    result = subprocess.run([sys.executable, str(script), "--backbone", "tiny", "--breakdown"], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for part in ("trunk forward", "neck forward + backward", "decoder + loss forward + backward"):
+        assert re.search(rf"\| {re.escape(part)} \| \d+\.\d{{3}} \| 0\.\d{{3}} \|", result.stdout), part
+    calls = re.search(r"operator calls in a cached step \(forward, backward, AdamW\): (\d+)", result.stdout)
+    assert calls and int(calls.group(1)) > 100, result.stdout
+
+
 def test_method_benchmark_smoke_run(tmp_path):
     pytest.importorskip("peft", reason="the lora method needs the lora extra (peft)")
     script = SCRIPT.parent / "benchmark.py"
