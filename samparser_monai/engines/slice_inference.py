@@ -86,6 +86,7 @@ def predict_volume(
     """
     model = _unwrap(network)
     image = torch.as_tensor(image)
+    image = image.as_tensor() if isinstance(image, MetaTensor) else image  # slices need no metadata
     device = next(model.parameters()).device
     out = torch.zeros(image.shape[1:], dtype=torch.int64)
     slices = sorted(s for s, boxes in prompts.items() if boxes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -148,11 +149,20 @@ class SamParser(nn.Module):
     def train(self, mode: bool = True) -> SamParser:
         """Set the mode; modules whose parameters are all frozen stay in eval mode (deterministic, no BN drift)."""
         super().train(mode)
-        if mode:
-            for module in self.modules():
-                params = list(module.parameters())
-                if params and not any(p.requires_grad for p in params):
-                    module.eval()
+        if not mode:
+            return self
+        # One pass over the parameters (the trainer calls this every step): a module is frozen when it holds
+        # parameters and none of them, at any depth, requires a gradient.
+        frozen: dict[str, bool] = {}
+        for name, param in self.named_parameters(remove_duplicate=False):
+            parts = name.split(".")[:-1]
+            for depth in range(len(parts) + 1):
+                prefix = ".".join(parts[:depth])
+                frozen[prefix] = frozen.get(prefix, True) and not param.requires_grad
+        for name, module in self.named_modules(remove_duplicate=False):
+            parent = name.rpartition(".")[0]
+            if frozen.get(name, False) and not (name and frozen.get(parent, False)):  # eval() covers the children
+                module.eval()
         return self
 
     def merge(self) -> SamParser:
@@ -172,6 +182,7 @@ class SamParser(nn.Module):
     # --------------------------------------------------------------------------------------------------- inference
     def preprocess(self, image: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Resize the longest side to the encoder input, normalise pixels and pad; returns the image and its size."""
+        image = plain_tensor(image)
         if image.ndim != 4 or image.shape[1] not in (1, 3):
             raise ValueError(f"image must be B x C x H x W with C = 1 or 3, got shape {tuple(image.shape)}.")
         h, w = image.shape[-2:]
@@ -211,7 +222,8 @@ class SamParser(nn.Module):
         All B x N prompts are decoded in one batched pass of the mask decoder (no loop over images or prompts).
         """
         h, w = int(image_size[0]), int(image_size[1])
-        box = torch.as_tensor(box, dtype=torch.float32, device=embeddings.device)
+        embeddings = plain_tensor(embeddings)
+        box = torch.as_tensor(plain_tensor(box), dtype=torch.float32, device=embeddings.device)
         if box.ndim == 2:
             box = box[:, None]
         if box.ndim != 3 or box.shape[-1] != 4 or box.shape[0] != embeddings.shape[0]:
@@ -231,6 +243,7 @@ class SamParser(nn.Module):
 
     def forward(self, image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
         """Mask logits ``B x N x H x W`` for images ``B x C x H x W`` in [0, 1] and boxes ``B x N x 4`` in pixels."""
+        image = plain_tensor(image)
         return self.decode(self.encode(image), box, image.shape[-2:])
 
     def _resized(self, h: int, w: int) -> tuple[int, int]:
@@ -251,6 +264,16 @@ class SamParser(nn.Module):
         upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(bn, c, h, w))
         hyper = dec.output_hypernetworks_mlps[0](hs[:, 1, :])  # mask token 0: SAM's single-mask output
         return (hyper.unsqueeze(1) @ upscaled.flatten(2)).view(bn, 1, *upscaled.shape[-2:])
+
+
+def plain_tensor(x: Any) -> Any:
+    """``x`` as a plain ``torch.Tensor`` when it is a tensor subclass such as MONAI's MetaTensor (same storage and
+    autograd graph, no copy); anything else unchanged.
+
+    The masks carry no geometry, and every operation on a MetaTensor also runs Python code to carry its metadata: host
+    time that a GPU waits on when a small model's kernels are quicker than it.
+    """
+    return x.as_subclass(torch.Tensor) if isinstance(x, torch.Tensor) and type(x) is not torch.Tensor else x
 
 
 def _checkpointed_forward(block: nn.Module, forward, *args, **kwargs):

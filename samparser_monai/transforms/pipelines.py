@@ -57,19 +57,32 @@ def volume_transforms(
 
 
 def slice_transforms(
-    spatial_size: int, jitter: float = 0.1, jitter_mode: str = "fraction", empty_box: str = "random"
+    spatial_size: int,
+    jitter: float = 0.1,
+    jitter_mode: str = "fraction",
+    empty_box: str = "random",
+    track_meta: bool = True,
 ) -> Compose:
-    """Box prompt from the 2D target (with jitter) and SAM's resize-longest-side + pad to ``spatial_size``."""
+    """Box prompt from the 2D target (with jitter) and SAM's resize-longest-side + pad to ``spatial_size``.
+
+    ``track_meta=False`` (training) ends with plain tensors: no metadata to collate, and the loss and metrics then
+    run without MetaTensor's per-operation bookkeeping; keep the default where the resize must be inverted.
+    """
     return Compose(
         [
             BoxPromptd(keys="label", jitter=jitter, jitter_mode=jitter_mode, per="mask", empty_box=empty_box),
             ResizeLongestPadd(keys=["image", "label"], spatial_size=spatial_size, mode=["bilinear", "nearest-exact"]),
+            *([] if track_meta else [EnsureTyped(keys=["image", "label"], track_meta=False)]),
         ]
     )
 
 
 def image_2d_transforms(
-    spatial_size: int, jitter: float = 0.1, jitter_mode: str = "fraction", intensity: str = "uint8"
+    spatial_size: int,
+    jitter: float = 0.1,
+    jitter_mode: str = "fraction",
+    intensity: str = "uint8",
+    track_meta: bool = True,
 ) -> Compose:
     """2D photographs or slices with binary masks (PNG/JPG, mask values 0/255): load, scale, binarise, prompt, resize.
 
@@ -77,6 +90,7 @@ def image_2d_transforms(
         spatial_size: the backbone's input side.
         jitter: box jitter, ``jitter_mode``: see :class:`~samparser_monai.transforms.BoxPromptd`.
         intensity: ``"uint8"`` divides 8-bit images by 255; any intensity preset name applies that preset.
+        track_meta: ``False`` (training) ends with plain tensors, see :func:`slice_transforms`.
     """
     scale = (
         ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
@@ -89,7 +103,7 @@ def image_2d_transforms(
             CheckVolumePaird(spatial_dims=2, allow_missing_keys=True, check_channels=False),
             scale,
             _Binarised(),
-            slice_transforms(spatial_size, jitter, jitter_mode, empty_box="none"),
+            slice_transforms(spatial_size, jitter, jitter_mode, empty_box="none", track_meta=track_meta),
         ]
     )
 

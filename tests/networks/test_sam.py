@@ -132,6 +132,58 @@ def test_frozen_parts_stay_in_eval_mode_and_keep_their_statistics():
     assert torch.equal(bns[0].running_mean, before)
 
 
+@pytest.mark.parametrize(
+    "coefficients, trainable", [("paper", "parser"), (None, "decoder"), ("encoder", "coefficients"), (None, "lora")]
+)
+def test_train_mode_follows_the_frozen_parameters(coefficients, trainable):
+    """After ``train()`` a module trains exactly when a parameter at or below it, or above it up to the nearest module
+    that holds parameters, is trainable: a wholly frozen module and everything inside it (dropout too) is in eval."""
+    pytest.importorskip("peft") if trainable == "lora" else None
+    model = SamParser("tiny", coefficients=coefficients, trainable=trainable).eval().train()
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
+        params = list(module.parameters())
+        frozen = bool(params) and not any(p.requires_grad for p in params)
+        ancestors = [modules[".".join(name.split(".")[:i])] for i in range(len(name.split(".")))] if name else []
+        inside_frozen = any(
+            list(a.parameters()) and not any(p.requires_grad for p in a.parameters()) for a in ancestors
+        )
+        assert module.training == (not frozen and not inside_frozen), name
+    assert not model.eval().training and not any(m.training for m in model.modules())
+
+
+def test_metatensor_inputs_run_as_plain_tensors(tiny_checkpoint):
+    """A MetaTensor batch (as MONAI datasets give) is read as a plain tensor: same masks and gradients, a plain
+    output, and no MetaTensor bookkeeping inside the network."""
+    from monai.data import MetaTensor
+
+    model = SamParser("tiny", tiny_checkpoint, coefficients="paper").train()
+    image = torch.rand(2, 1, 128, 128)
+    expected = model(image, BOXES)
+    expected.sum().backward()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    grads = [None if p.grad is None else p.grad.clone() for p in trained]
+    model.zero_grad(set_to_none=True)
+    calls = []
+    original = MetaTensor.__torch_function__.__func__
+
+    def counting(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") != "__get__":  # attribute reads (type checks) are not operations
+            calls.append(func)
+        return original(cls, func, types, args, kwargs)
+
+    MetaTensor.__torch_function__ = classmethod(counting)
+    try:
+        out = model(MetaTensor(image), MetaTensor(BOXES))
+    finally:
+        MetaTensor.__torch_function__ = classmethod(original)
+    out.sum().backward()
+    assert type(out) is torch.Tensor and torch.equal(out, expected)
+    assert sum(g is not None for g in grads) > 0
+    assert all((p.grad is None) if g is None else torch.equal(p.grad, g) for p, g in zip(trained, grads))
+    assert not calls, f"MetaTensor operations inside the network: {calls}"
+
+
 def _train_steps(model: SamParser, steps: int = 2) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     torch.manual_seed(3)

@@ -50,6 +50,8 @@ def test_trunk_cache_breakdown_times_each_part_and_counts_operator_calls():
         assert re.search(rf"\| {re.escape(part)} \| \d+\.\d{{3}} \| 0\.\d{{3}} \|", result.stdout), part
     calls = re.search(r"operator calls in a cached step \(forward, backward, AdamW\): (\d+)", result.stdout)
     assert calls and int(calls.group(1)) > 100, result.stdout
+    assert re.search(r"SamParser\.train\(\) \(the trainer calls it every step\): \d+\.\d\d ms", result.stdout)
+    assert re.search(r"cached step, plain batch: \d\.\d{4} s; MetaTensor batch: \d\.\d{4} s", result.stdout)
 
 
 def test_method_benchmark_smoke_run(tmp_path):

@@ -178,3 +178,20 @@ def test_compose_with_box_prompts():
     out = pre({"image": np.random.rand(1, 37, 50).astype(np.float32), "label": label})
     assert out["box"].shape == (1, 4) and out["image"].shape == (1, 256, 256)
     assert (mask_to_box(out["label"]) - out["box"][0]).abs().max() <= 256 / 50
+
+
+def test_training_slices_leave_as_plain_tensors():
+    """``track_meta=False`` (the bundle's training) gives plain tensors with the same values, collated as such."""
+    from samparser_monai.transforms import slice_transforms
+
+    label = np.zeros((1, 37, 50), np.float32)
+    label[0, 5:20, 10:30] = 1
+    item = {"image": torch.rand(1, 37, 50), "label": torch.as_tensor(label)}
+    tracked = slice_transforms(64, jitter=0.0)(dict(item))
+    plain = slice_transforms(64, jitter=0.0, track_meta=False)(dict(item))
+    assert isinstance(tracked["image"], MetaTensor)
+    for key in ("image", "label"):
+        assert type(plain[key]) is torch.Tensor
+        assert torch.equal(plain[key], tracked[key].as_tensor())
+    batch = next(iter(DataLoader(Dataset([item] * 2, slice_transforms(64, track_meta=False)), batch_size=2)))
+    assert type(batch["image"]) is torch.Tensor and batch["image"].shape == (2, 1, 64, 64)
