@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
 import dataclasses
 import io
+import json
 import math
 import os
 import statistics
@@ -209,23 +211,77 @@ def run_cost(args: argparse.Namespace, device: torch.device) -> str:
     return render_cost(rows, header)
 
 
+#: numeric columns of ``accuracy.csv`` and their types (the rest are text).
+CSV_TYPES = {"label": int, "cases": int, "dice": float, "dice_sd": float, "hd95": float, "empty": int,
+             "train_s": float, "eval_s": float, "step_ms": float, "data_ms": float}  # fmt: skip
+
+
+def read_accuracy_csv(path: Path) -> list[dict]:
+    """The rows of an ``accuracy.csv`` with their numeric columns typed (a blank timing stays ``""``)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [{k: (CSV_TYPES[k](v) if k in CSV_TYPES and v != "" else v) for k, v in row.items()} for row in rows]
+
+
+def kept_rows(out: Path, settings: dict) -> list[dict]:
+    """For ``--resume``: the complete methods' rows of an earlier run into ``out`` with the same settings.
+
+    Raises:
+        ValueError: there are rows but their settings differ from this run's, or are not on record.
+    """
+    csv_path, settings_path = out / "accuracy.csv", out / "accuracy_settings.json"
+    if not csv_path.exists():
+        return []
+    if not settings_path.exists():
+        raise ValueError(f"--resume: {settings_path} is missing, so the settings of {csv_path} are unknown: "
+                         "run without --resume to start over.")  # fmt: skip
+    earlier = json.loads(settings_path.read_text())
+    if earlier != settings:
+        changed = ", ".join(f"{k} {earlier.get(k)!r} -> {v!r}" for k, v in settings.items() if earlier.get(k) != v)
+        raise ValueError(f"--resume: {csv_path} was made with other settings ({changed}): run without --resume "
+                         "to start over, or with the same settings.")  # fmt: skip
+    rows = read_accuracy_csv(csv_path)
+    per_method = {m: [r for r in rows if r["method"] == m] for m in dict.fromkeys(r["method"] for r in rows)}
+    labels = max((len(v) for v in per_method.values()), default=0)
+    return [r for group in per_method.values() if len(group) == labels for r in group]  # a cut-off method reruns
+
+
 def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> str:
-    """The accuracy half; writes ``accuracy.csv`` and ``accuracy.png`` in ``out`` and returns its Markdown table."""
+    """The accuracy half; writes ``accuracy.csv`` and ``accuracy.png`` in ``out`` and returns its Markdown table.
+
+    With ``args.resume`` the methods already in ``out/accuracy.csv`` from a run with the same settings are kept and
+    only the others run (a run cut off by a time limit goes on where it stopped).
+    """
     if not Path(args.dataset_dir).is_dir():
         raise FileNotFoundError(f"dataset '{args.dataset_dir}' does not exist: pass --dataset-dir <MSD task folder>.")
     given = {"epochs": args.epochs, "samples_per_epoch": args.samples, "batch_size": args.train_batch,
              "val_cases": args.val_cases, "num_workers": args.workers}  # fmt: skip
     budget = dataclasses.replace(BUDGETS[args.mode], **{k: v for k, v in given.items() if v is not None})
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    dataset = Path(args.dataset_dir).resolve().name
+    settings = {"budget": dataclasses.asdict(budget), "backbone": args.backbone, "checkpoint": args.checkpoint,
+                "dataset": dataset, "device": card, "torch": torch.__version__}  # fmt: skip
+    kept = kept_rows(out, settings) if args.resume else []
     (out / "accuracy.csv").unlink(missing_ok=True)
-    methods = [ZERO_SHOT, *[m for m in args.methods if m in METHODS]]
+    (out / "accuracy_settings.json").write_text(json.dumps(settings, indent=4) + "\n")
+    done = list(dict.fromkeys(r["method"] for r in kept))
+    methods = [m for m in [ZERO_SHOT, *[m for m in args.methods if m in METHODS]] if m not in done]
+    if kept:
+        with open(out / "accuracy.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(kept[0]))
+            writer.writeheader()
+            writer.writerows(kept)
     extra = {"backbone": args.backbone, "base_checkpoint": args.checkpoint}
     start = time.perf_counter()
-    rows = compare_methods(methods, args.dataset_dir, out / "runs", budget, ROOT, device=str(device),
-                           cache_gb=args.cache_gb, extra=extra, csv_path=out / "accuracy.csv")  # fmt: skip
+    if methods:
+        compare_methods(methods, args.dataset_dir, out / "runs", budget, ROOT, device=str(device),
+                        cache_gb=args.cache_gb, extra=extra, csv_path=out / "accuracy.csv")  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    rows = read_accuracy_csv(out / "accuracy.csv")
     header = (f"{args.backbone} on {card}, torch {torch.__version__}, mode {args.mode}: {budget.describe()}; "
-              f"{minutes:.1f} min in all")  # fmt: skip
+              f"{minutes:.1f} min in this run")  # fmt: skip
+    if done:
+        header += f" (resumed: {', '.join(done)} kept from an earlier run with the same settings)"
     plot_accuracy(rows, out / "accuracy.png")
     return render_accuracy(rows, header)
 
@@ -250,6 +306,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--val-cases", type=int, help="accuracy half: validation cases (0: all)")
     parser.add_argument("--workers", type=int, help="accuracy half: data loader workers")
     parser.add_argument("--cache-gb", type=float, default=4.0, help="accuracy half: shared trunk cache budget")
+    parser.add_argument("--resume", action="store_true",
+                        help="accuracy half: keep the methods an earlier run into --output-dir finished with the same "
+                        "settings and run only the others")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--output-dir", default="benchmark_results", help="where tables, CSV, plot and runs go")
     args = parser.parse_args(argv)

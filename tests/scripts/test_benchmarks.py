@@ -99,3 +99,53 @@ def test_method_benchmark_accuracy_half_writes_one_runs_rows(tmp_path):
     assert "| train s | eval s | step ms | data ms |" in table
     assert re.search(r"\| zero_shot \|.* \| - \| - \|", table), "zero-shot trains nothing: no step timing"
     assert re.search(r"\| decoder_only \|.* \| \d+\.\d \| \d+\.\d \|", table), "training step and data wait"
+
+
+def test_method_benchmark_resume_runs_only_what_is_missing(tmp_path):
+    """A run cut off after some methods goes on with ``--resume``: finished methods are kept as they were (their
+    timings too), the rest run; other settings are refused in one sentence and the earlier rows are kept."""
+    from samparser_monai.data import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "Task00_Demo", n_cases=3, shape=(32, 36, 10), seed=1)
+    script = SCRIPT.parent / "benchmark.py"
+    out = tmp_path / "out"
+    args = ["--part", "accuracy", "--backbone", "tiny", "--dataset-dir", str(data), "--samples", "2"]
+    args += ["--val-cases", "1", "--output-dir", str(out)]
+    first = subprocess.run([sys.executable, str(script), *args, "--methods", "decoder_only"], capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = (out / "accuracy.csv").read_text().splitlines()
+    args += ["--methods", "decoder_only", "parser_paper", "--resume"]
+    second = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    after = (out / "accuracy.csv").read_text().splitlines()
+    assert after[: len(before)] == before, "kept rows unchanged, timings included"
+    assert [row.split(",")[0] for row in after[1:]] == ["zero_shot"] * 2 + ["decoder_only"] * 2 + ["parser_paper"] * 2
+    assert "resumed: zero_shot, decoder_only kept from an earlier run" in (out / "accuracy.md").read_text()
+    assert "parser_paper" in (out / "accuracy.md").read_text()
+
+    args[args.index("--samples") + 1] = "4"
+    refused = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 1
+    assert "was made with other settings (budget" in refused.stderr and "run without --resume" in refused.stderr
+    assert (out / "accuracy.csv").read_text().splitlines() == after
+
+
+def test_resume_reruns_a_method_cut_off_between_its_rows(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT.parent / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    settings = {"backbone": "tiny"}
+    (tmp_path / "accuracy_settings.json").write_text('{"backbone": "tiny"}')
+    header = "method,label,label_name,cases,dice,dice_sd,hd95,empty,train_s,eval_s,step_ms,data_ms"
+    rows = ["zero_shot,1,A,2,0.5,0.1,2.0,0,0,3.5,,", "zero_shot,2,B,2,0.6,0.1,1.0,1,0,3.5,,",
+            "lora,1,A,2,0.7,0.1,1.5,0,9.1,2.0,40.2,3.1"]  # fmt: skip
+    (tmp_path / "accuracy.csv").write_text("\n".join([header, *rows]) + "\n")
+    kept = benchmark.kept_rows(tmp_path, settings)
+    assert [r["method"] for r in kept] == ["zero_shot", "zero_shot"], "lora lost its second label row: it reruns"
+    assert kept[1]["empty"] == 1 and kept[0]["dice"] == 0.5 and kept[0]["step_ms"] == ""
+    (tmp_path / "accuracy_settings.json").unlink()
+    with pytest.raises(ValueError, match="settings of .* are unknown"):
+        benchmark.kept_rows(tmp_path, settings)
