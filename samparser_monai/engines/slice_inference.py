@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
+from samparser_monai.networks.sam import plain_tensor
 from samparser_monai.transforms.prompts import jitter_box, mask_to_box
 
 __all__ = ["LabelBoxSliceInferer", "SlicePrompts", "label_box_prompts", "predict_volume"]
@@ -85,8 +86,7 @@ def predict_volume(
         no box claims (logit <= 0) are background.
     """
     model = _unwrap(network)
-    image = torch.as_tensor(image)
-    image = image.as_tensor() if isinstance(image, MetaTensor) else image  # slices need no metadata
+    image = plain_tensor(torch.as_tensor(image))  # slices need no metadata
     device = next(model.parameters()).device
     out = torch.zeros(image.shape[1:], dtype=torch.int64)
     slices = sorted(s for s, boxes in prompts.items() if boxes)
