@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from samparser_monai.data.datalists import case_id, msd_datalist
+from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.prompts_3d import load_box_json
 from samparser_monai.engines.qa import QAWriter
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
@@ -103,6 +104,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the jitter")
     parser.add_argument("--qa", type=int, default=0, help="QA pictures per case (default 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument("--release-host-memory", action="store_true",
+                        help="return freed host memory to the system between batches (lower peak host memory; a "
+                        "CPU forward about half as fast)")  # fmt: skip
     return parser.parse_args(argv)
 
 
@@ -117,6 +121,7 @@ def _write_csv(path: str, rows: list[dict]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run batch inference; returns 0 when every case was segmented, 1 when any was skipped or the run failed."""
     args = _parse(argv)
+    retain_freed_host_memory(not args.release_host_memory)
     items = collect_inputs(args.inputs, args.labels, args.dicom)
     if not items:
         print("error: no input volume found.", file=sys.stderr)

@@ -38,6 +38,7 @@ from tqdm import tqdm
 
 from samparser_monai.demo import demo_batch
 from samparser_monai.engines.comparison import BUDGETS, ZERO_SHOT, compare_methods
+from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.networks import SamParser, coefficient_state, trainable_summary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,7 +261,8 @@ def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> s
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     dataset = Path(args.dataset_dir).resolve().name
     settings = {"budget": dataclasses.asdict(budget), "backbone": args.backbone, "checkpoint": args.checkpoint,
-                "dataset": dataset, "device": card, "torch": torch.__version__}  # fmt: skip
+                "dataset": dataset, "device": card, "torch": torch.__version__,
+                "retain_host_memory": not args.release_host_memory}  # fmt: skip
     kept = kept_rows(out, settings) if args.resume else []
     (out / "accuracy.csv").unlink(missing_ok=True)
     (out / "accuracy_settings.json").write_text(json.dumps(settings, indent=4) + "\n")
@@ -271,7 +273,8 @@ def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> s
             writer = csv.DictWriter(handle, fieldnames=list(kept[0]))
             writer.writeheader()
             writer.writerows(kept)
-    extra = {"backbone": args.backbone, "base_checkpoint": args.checkpoint}
+    extra = {"backbone": args.backbone, "base_checkpoint": args.checkpoint,
+             "retain_host_memory": not args.release_host_memory}  # fmt: skip
     start = time.perf_counter()
     if methods:
         compare_methods(methods, args.dataset_dir, out / "runs", budget, ROOT, device=str(device),
@@ -309,6 +312,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="accuracy half: keep the methods an earlier run into --output-dir finished with the same "
                         "settings and run only the others")  # fmt: skip
+    parser.add_argument("--release-host-memory", action="store_true",
+                        help="leave glibc returning freed host memory to the system between steps (the bundle's "
+                        "retain_host_memory false; slower on a CPU, lower peak host memory)")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--output-dir", default="benchmark_results", help="where tables, CSV, plot and runs go")
     args = parser.parse_args(argv)
@@ -317,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             setattr(args, key, value)
     out = Path(args.output_dir)
     device = torch.device(args.device)
+    retain_freed_host_memory(not args.release_host_memory)  # as the bundle runs do, so the cost half measures alike
     try:
         out.mkdir(parents=True, exist_ok=True)
         if args.part in ("all", "cost"):

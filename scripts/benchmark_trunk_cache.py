@@ -22,6 +22,7 @@ from monai.losses import DiceCELoss
 from tqdm import tqdm
 
 from samparser_monai.demo import demo_batch
+from samparser_monai.engines import retain_freed_host_memory
 from samparser_monai.networks import SamParser
 
 
@@ -125,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     parser.add_argument("--breakdown", action="store_true", help="instead: time a step part by part (trunk, neck, "
                         "decoder) and count a cached step's operator calls")  # fmt: skip
+    parser.add_argument("--release-host-memory", action="store_true",
+                        help="leave glibc returning freed host memory to the system between steps, as before the "
+                        "bundle's retain_host_memory (to measure the difference)")  # fmt: skip
     args = parser.parse_args(argv)
+    retain_freed_host_memory(not args.release_host_memory)
     if args.breakdown:
         model = SamParser(args.backbone, args.checkpoint, coefficients="paper", cache_trunk=True).to(args.device)
         batch = demo_batch(args.batch_size, model.image_size, seed=1)

@@ -3,6 +3,7 @@
 
 from samparser_monai.engines.checkpoint import TrainableState
 from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
+from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.metrics import SliceDiceMetric
 from samparser_monai.engines.slice_inference import (
     LabelBoxSliceInferer,
@@ -34,4 +35,5 @@ __all__ = [
     "label_box_prompts",
     "latest_checkpoint",
     "predict_volume",
+    "retain_freed_host_memory",
 ]

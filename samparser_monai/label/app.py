@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from samparser_monai import __version__
+from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.label._monailabel import HTTPException, MONAILabelApp
 from samparser_monai.label.config import LabelConfig
 from samparser_monai.label.infer import SamParserInferTask
@@ -35,6 +36,7 @@ class SamParserLabelApp(MONAILabelApp):
 
     def __init__(self, app_dir: str, studies: str, conf: dict[str, Any]) -> None:
         self.settings = LabelConfig.from_conf(conf or {})
+        retain_freed_host_memory(self.settings.retain_host_memory)
         self.work_dir = Path(app_dir) / "model" / MODEL_NAME
         self.model = LiveModel(self.settings, self.serving_checkpoint)
         super().__init__(

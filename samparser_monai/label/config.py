@@ -34,7 +34,11 @@ CONF_KEYS = {
     "axis": "slicing axis of the RAS-oriented volume (default 2: axial)",
     "batch_size": "slices per encoder pass (default 8)",
     "click_box_mm": f"side of the box grown around clicks, in mm (default {DEFAULT_CLICK_BOX_MM:g})",
+    "retain_host_memory": "true (default): keep freed host memory for the next request (a CPU forward about 2x "
+    "faster, the peak host memory kept); false: return it to the system",
 }
+
+_BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
 
 
 def default_repo_root() -> Path:
@@ -58,6 +62,8 @@ class LabelConfig:
         axis: slicing axis of the RAS-oriented volume.
         batch_size: slices per encoder pass.
         click_box_mm: side of the box grown around clicks, in millimetres.
+        retain_host_memory: keep host memory freed between requests and training steps in the process
+            (:func:`~samparser_monai.engines.retain_freed_host_memory`).
     """
 
     backbone: str = "lite_medsam"
@@ -71,6 +77,7 @@ class LabelConfig:
     axis: int = 2
     batch_size: int = 8
     click_box_mm: float = DEFAULT_CLICK_BOX_MM
+    retain_host_memory: bool = True
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> LabelConfig:
@@ -102,6 +109,13 @@ class LabelConfig:
                     values[key] = kind(values[key])
                 except ValueError as err:
                     raise ValueError(f"--conf {key} must be a number, got {values[key]!r}.") from err
+        if "retain_host_memory" in values:
+            flag = str(values["retain_host_memory"]).strip().lower()
+            if flag not in _BOOLEANS:
+                raise ValueError(
+                    f"--conf retain_host_memory must be true or false, got {values['retain_host_memory']!r}."
+                )
+            values["retain_host_memory"] = _BOOLEANS[flag]
         if "labels" in values:
             values["labels"] = tuple(n.strip() for n in str(values["labels"]).split(",") if n.strip())
         if "repo_root" in values:

@@ -138,6 +138,7 @@ def fine_tune(
         "intensity": config.intensity,
         "num_classes": count_classes(items),
         "device": f"$torch.device({config.device!r})",
+        "retain_host_memory": config.retain_host_memory,
     }
     if start_from is not None:
         state = read_coefficient_checkpoint(start_from)

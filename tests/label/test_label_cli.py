@@ -45,6 +45,7 @@ def test_dry_run_prints_the_monailabel_command_on_localhost(tmp_path):
         (["--coefficients", "nowhere.pt"], "--conf coefficients 'nowhere.pt' does not exist"),
         (["--conf", "click_box_mm", "big"], "--conf click_box_mm must be a number, got 'big'"),
         (["--intensity", "ct_teeth"], "Unknown intensity preset 'ct_teeth'"),
+        (["--conf", "retain_host_memory", "maybe"], "--conf retain_host_memory must be true or false, got 'maybe'"),
     ],
 )
 def test_bad_settings_stop_before_the_server_starts(tmp_path, capsys, args, sentence):
@@ -67,3 +68,9 @@ def test_a_file_that_is_no_coefficient_checkpoint_is_refused(tmp_path):
     with pytest.raises(ValueError, match="could not be read"):
         LabelConfig.from_conf({"coefficients": str(bogus)})
     assert LabelConfig.from_conf({"labels": "head, body", "axis": "1"}).labels == ("head", "body")
+
+
+def test_retain_host_memory_reads_true_or_false():
+    assert LabelConfig.from_conf({}).retain_host_memory is True, "on by default"
+    assert LabelConfig.from_conf({"retain_host_memory": "False"}).retain_host_memory is False
+    assert LabelConfig.from_conf({"retain_host_memory": "yes"}).retain_host_memory is True

@@ -149,3 +149,19 @@ def test_resume_reruns_a_method_cut_off_between_its_rows(tmp_path):
     (tmp_path / "accuracy_settings.json").unlink()
     with pytest.raises(ValueError, match="settings of .* are unknown"):
         benchmark.kept_rows(tmp_path, settings)
+
+
+def test_host_memory_benchmark_compares_both_settings_with_equal_losses():
+    script = SCRIPT.parent / "benchmark_host_memory.py"
+    args = ["--backbone", "tiny", "--steps", "2", "--warmup", "1"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for work in ("train", "infer"):
+        for setting in ("release", "retain"):
+            assert re.search(
+                rf"\| {work} \| {setting} \| \d+\.\d\d \| [\d,]+ \| \d+\.\d\d \| \d+\.\d\d \|", result.stdout
+            )
+    assert "training losses identical in both settings" in result.stdout
+    refused = subprocess.run([sys.executable, str(script), "--steps", "2", "--warmup", "2"], capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    assert refused.returncode == 1 and "--steps must be more than --warmup" in refused.stderr
