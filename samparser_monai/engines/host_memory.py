@@ -3,15 +3,16 @@
 
 PyTorch's CPU allocator takes every tensor from ``malloc`` and gives it back with ``free``. glibc serves large blocks
 with ``mmap`` and returns them, and the top of its heap, to the operating system on ``free``; the next step asks for
-the same blocks again and the kernel maps and zeroes every page anew. On this project's 2-core CPU that is 1.2-2.7
-million page faults and 3-6 s of kernel time in a 7-9 s LiteMedSAM training step (``encoder`` preset, batch 2): see
-``docs/benchmarks.md``, "Host memory between steps". Keeping the blocks makes later steps fault nothing.
+the same blocks again and the kernel maps and zeroes every page anew. On this project's 2-core CPU that was about
+1.6 million page faults and 4.7 s of kernel time in a 9 s LiteMedSAM training step (``encoder`` preset, batch 2):
+see ``docs/benchmarks.md``, "Host memory between steps". Keeping the blocks makes later steps fault nothing.
 
-The cost is that the process keeps its peak host memory until it exits (heap fragmentation adds about 30% to the
-peak measured there), which a training, evaluation or inference process needs again at its next step or request
-anyway. Where host memory is the limit (a large batch on a CPU), leave it off: the bundle's ``retain_host_memory``
-false, ``--release-host-memory`` of the scripts, ``--conf retain_host_memory false`` of the MONAI Label app.
-This is what the PyTorch CPU performance guides get from jemalloc or tcmalloc, without preloading another allocator.
+The cost is that the process keeps its peak host memory until it exits, a third to a half more than without (heap
+fragmentation; +33% for that training step, +48% for inference), which a training, evaluation or inference process
+needs again at its next step or request anyway. Where host memory is the limit (a large batch on a CPU), leave it
+off: the bundle's ``retain_host_memory`` false, ``--release-host-memory`` of the scripts, ``--conf
+retain_host_memory false`` of the MONAI Label app. This is what the PyTorch CPU performance guides get from
+jemalloc or tcmalloc, without preloading another allocator.
 """
 
 from __future__ import annotations
