@@ -18,7 +18,16 @@ import torch
 from monai.losses import DiceCELoss
 from tqdm import tqdm
 
-from samparser_monai.networks import SamParser, save_coefficient_state
+from samparser_monai.networks import (
+    DEFAULT_COEFFICIENT_LEARNING_RATE,
+    DEFAULT_COEFFICIENT_PARAMETRIZATION,
+    PARAMETRIZATIONS,
+    SamParser,
+    coefficient_movement,
+    format_movement,
+    parameter_groups,
+    save_coefficient_state,
+)
 
 __all__ = ["demo_batch", "main"]
 
@@ -56,7 +65,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--coefficients", default="paper", help="coefficient preset: paper or encoder")
     parser.add_argument("--steps", type=int, default=8, help="fine-tuning steps (default: 8)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step (default: 2)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default: 1e-3)")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate of the decoder (default: 1e-3)")
+    parser.add_argument(
+        "--coefficient-lr",
+        type=float,
+        default=DEFAULT_COEFFICIENT_LEARNING_RATE,
+        help=f"AdamW learning rate of the SVD coefficients (default: {DEFAULT_COEFFICIENT_LEARNING_RATE:g})",
+    )
+    parser.add_argument(
+        "--parametrization",
+        choices=PARAMETRIZATIONS,
+        default=DEFAULT_COEFFICIENT_PARAMETRIZATION,
+        help=f"coefficient parametrization (default: {DEFAULT_COEFFICIENT_PARAMETRIZATION}, the bundle's)",
+    )
     parser.add_argument("--output-dir", default="runs/demo", help="where the coefficient checkpoint goes")
     return parser.parse_args(argv)
 
@@ -66,7 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = SamParser(args.backbone, args.checkpoint, coefficients=args.coefficients)
+    model = SamParser(
+        args.backbone, args.checkpoint, coefficients=args.coefficients, coefficient_parametrization=args.parametrization
+    )
     size = model.image_size
     print(f"SamParser on {args.backbone} (base sha256 {model.base_sha256[:16]}...), coefficients={args.coefficients}")
     print(model.summary())
@@ -77,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         dice_before = _dice(model.eval()(test_image, test_box), test_mask)
 
     loss_fn = DiceCELoss(sigmoid=True)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    optimizer = torch.optim.AdamW(parameter_groups(model, args.lr, coefficient_learning_rate=args.coefficient_lr))
     model.train()
     progress = tqdm(range(args.steps), desc="fine-tuning (demo data)", unit="step")
     for _ in progress:
@@ -87,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         progress.set_postfix(loss=f"{loss.item():.4f}")
 
+    print(f"coefficients moved: {format_movement(coefficient_movement(model))}")
     with torch.no_grad():
         tuned = model.eval()(test_image, test_box)
         dice_after = _dice(tuned, test_mask)

@@ -32,7 +32,9 @@ from samparser_monai import __version__
 from samparser_monai.networks import (
     BACKBONES,
     SamParser,
+    coefficient_movement,
     file_sha256,
+    format_movement,
     lite_medsam_checkpoint,
     load_coefficient_state,
 )
@@ -344,6 +346,7 @@ def export_merged(
         bar.update()
         bar.set_postfix_str(steps[1])
         load_coefficient_state(model, state)
+        movement = coefficient_movement(model)  # measured on the loaded model: old checkpoints did not record it
         bar.update()
         bar.set_postfix_str(steps[2])
         model.eval().merge()
@@ -369,6 +372,8 @@ def export_merged(
             "base_sha256": model.base_sha256,
             "coefficients": state["coefficients"],
             "trainable": state["trainable"],
+            "coefficient_parametrization": state.get("coefficient_parametrization", "additive"),
+            "coefficient_movement": movement,
             "source_checkpoint": os.path.abspath(source),
             "source_sha256": file_sha256(source),
             "stock_checkpoint": {
@@ -470,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     record = result.metadata
     stock = record["stock_checkpoint"]
     print(f"merged {record['backbone']} (coefficients={record['coefficients']!r}, trainable={record['trainable']!r})")
+    print(f"coefficients moved from their pretrained values: {format_movement(record['coefficient_movement'])}")
     print(f"stock checkpoint: {result.stock_path} ({stock['bytes'] / 1e6:.1f} MB, sha256 {stock['sha256'][:16]}...)")
     print(f"  loads with: {stock_loader_hint(record['backbone'], str(result.stock_path))}")
     if result.torchscript_path is not None:

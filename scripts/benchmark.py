@@ -39,7 +39,7 @@ from tqdm import tqdm
 from samparser_monai.demo import demo_batch
 from samparser_monai.engines.comparison import BUDGETS, ZERO_SHOT, compare_methods
 from samparser_monai.engines.host_memory import retain_freed_host_memory
-from samparser_monai.networks import SamParser, coefficient_state, trainable_summary
+from samparser_monai.networks import SamParser, coefficient_state, parameter_groups, trainable_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
@@ -50,6 +50,8 @@ METHODS: dict[str, dict] = {
     "parser_paper": {"coefficients": "paper", "trainable": "parser"},
     "parser_official": {"coefficients": "paper", "trainable": "parser", "form": "official"},
     "parser_encoder": {"coefficients": "encoder", "trainable": "parser"},
+    "coefficients_paper": {"coefficients": "paper", "trainable": "coefficients"},
+    "coefficients_encoder": {"coefficients": "encoder", "trainable": "coefficients"},
     "lora": {"coefficients": None, "trainable": "lora"},
     "full": {"coefficients": None, "trainable": "full"},
 }
@@ -99,7 +101,7 @@ def measure(name: str, args: argparse.Namespace, device: torch.device, stock: Sa
     buffer = io.BytesIO()
     torch.save(coefficient_state(model), buffer)
     images, masks, boxes = (t.to(device) for t in demo_batch(args.batch_size, model.image_size, seed=1))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    optimizer = torch.optim.AdamW(parameter_groups(model, 1e-5, coefficient_learning_rate=1e-3))
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype else contextlib.nullcontext
 
     def train_step() -> None:

@@ -2,6 +2,7 @@
 """Engines: slice-wise 3D inference with box prompts, metrics, checkpoint objects and bundle helpers."""
 
 from samparser_monai.engines.checkpoint import TrainableState
+from samparser_monai.engines.coefficient_report import CoefficientMovementReport
 from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
 from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.metrics import SliceDiceMetric
@@ -22,6 +23,7 @@ from samparser_monai.engines.workflow import (
 
 __all__ = [
     "DATASET_FORMATS",
+    "CoefficientMovementReport",
     "CaseMetricsWriter",
     "LabelBoxSliceInferer",
     "RunReport",

@@ -8,6 +8,7 @@ from typing import Any
 
 from torch import nn
 
+from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.state import coefficient_state, load_coefficient_state
 
 __all__ = ["TrainableState"]
@@ -30,7 +31,7 @@ class TrainableState:
     @property
     def model(self) -> nn.Module:
         """The SamParser (unwrapped from DDP)."""
-        return getattr(self.network, "module", self.network)
+        return unwrap_model(self.network)
 
     def state_dict(self) -> dict[str, Any]:
         """The coefficient state (see :func:`~samparser_monai.networks.coefficient_state`)."""

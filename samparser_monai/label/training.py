@@ -20,6 +20,7 @@ from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.workflow import latest_checkpoint
 from samparser_monai.export import read_coefficient_checkpoint
 from samparser_monai.label.config import LabelConfig
+from samparser_monai.networks.param_groups import DEFAULT_COEFFICIENT_LEARNING_RATE
 
 __all__ = ["TRAIN_OPTIONS", "count_classes", "fine_tune", "link_dataset", "publish_checkpoint", "train_options"]
 
@@ -29,6 +30,7 @@ TRAIN_OPTIONS: dict[str, Any] = {
     "samples_per_epoch": 200,
     "batch_size": 4,
     "learning_rate": 1e-4,
+    "coefficient_learning_rate": DEFAULT_COEFFICIENT_LEARNING_RATE,
     "val_fraction": 0.2,
     "seed": 0,
 }
@@ -143,6 +145,8 @@ def fine_tune(
     if start_from is not None:
         state = read_coefficient_checkpoint(start_from)
         overrides.update(coefficients=state["coefficients"], trainable=state.get("trainable", "parser"))
+        # keep the parametrization it was trained with (checkpoints before it existed were additive)
+        overrides["coefficient_parametrization"] = state.get("coefficient_parametrization", "additive")
         overrides["network"] = (
             f"$samparser_monai.networks.load_coefficient_state(@network_def, {str(start_from)!r}).to(@device)"
         )

@@ -12,6 +12,12 @@ from samparser_monai.networks.backbones import (
     lite_medsam_checkpoint,
     load_state_dict_file,
 )
+from samparser_monai.networks.param_groups import (
+    DEFAULT_COEFFICIENT_LEARNING_RATE,
+    DEFAULT_COEFFICIENT_PARAMETRIZATION,
+    parameter_groups,
+    unwrap_model,
+)
 from samparser_monai.networks.sam import (
     TRAINABLE_POLICIES,
     SamParser,
@@ -29,12 +35,17 @@ from samparser_monai.networks.state import (
     trainable_keys,
 )
 from samparser_monai.networks.svd import (
+    COEFFICIENT_GROUPS,
     COEFFICIENT_PRESETS,
+    PARAMETRIZATIONS,
     SVDConv2d,
     SVDLayer,
     SVDLinear,
     apply_svd,
+    coefficient_group,
+    coefficient_movement,
     coefficient_parameters,
+    format_movement,
     is_decomposable,
     merge_svd_layers,
     resolve_targets,
@@ -43,7 +54,11 @@ from samparser_monai.networks.svd import (
 
 __all__ = [
     "BACKBONES",
+    "COEFFICIENT_GROUPS",
     "COEFFICIENT_PRESETS",
+    "DEFAULT_COEFFICIENT_LEARNING_RATE",
+    "DEFAULT_COEFFICIENT_PARAMETRIZATION",
+    "PARAMETRIZATIONS",
     "TRAINABLE_POLICIES",
     "Backbone",
     "BackboneSpec",
@@ -54,15 +69,19 @@ __all__ = [
     "SamParser",
     "apply_svd",
     "build_backbone",
+    "coefficient_group",
+    "coefficient_movement",
     "coefficient_parameters",
     "coefficient_state",
     "file_sha256",
+    "format_movement",
     "guess_backbone",
     "is_decomposable",
     "lite_medsam_checkpoint",
     "load_coefficient_state",
     "load_state_dict_file",
     "merge_svd_layers",
+    "parameter_groups",
     "resolve_targets",
     "sam_parser_lite_medsam",
     "sam_parser_tiny",
@@ -73,4 +92,5 @@ __all__ = [
     "svd_layers",
     "trainable_keys",
     "trainable_summary",
+    "unwrap_model",
 ]

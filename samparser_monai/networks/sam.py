@@ -60,11 +60,15 @@ class SamParser(nn.Module):
             encoder, or ``None`` for no decomposition (decoder-only and full baselines).
         trainable: a key of :data:`TRAINABLE_POLICIES`; default ``"parser"`` = coefficients + mask decoder.
         form: training form of the SVD layers, ``"auto"`` (cheaper exact form per call), ``"factored"`` or
-            ``"dense"``.
+            ``"dense"``, or ``"official"`` (factored at every call, in eval mode too, as the original code runs).
+        coefficient_parametrization: ``"additive"`` (train the singular values ``s``, the paper's) or ``"relative"``
+            (train ``d`` with ``s = s0 * exp(d)``: one step size is the same relative change for every value); see
+            :class:`~samparser_monai.networks.svd.SVDLayer`. Checkpoints store ``s`` either way, so they load into
+            a model of either parametrization.
         cache_trunk: keep the frozen encoder trunk's features per input image (see
             :class:`~samparser_monai.networks.trunk_cache.TrunkFeatureCache`), so later epochs skip the trunk; only
-            when nothing before the neck trains (``coefficients="paper"`` or ``None`` and a policy other than
-            ``"full"``).
+            when nothing before the neck trains: ``coefficients="paper"`` or ``None`` with the ``parser``,
+            ``coefficients`` or ``decoder`` policy (``full`` and ``lora`` train the trunk and are refused).
         cache_max_gb: memory budget of that cache, in GiB of the memory where the trunk runs.
         lora_rank: rank of the LoRA adapters of the ``"lora"`` policy (needs ``peft``: the ``lora`` extra).
         lora_targets: linear layers (name suffixes) that get LoRA adapters; default SAM's attention ``qkv``.
@@ -85,6 +89,7 @@ class SamParser(nn.Module):
         coefficients: str | Sequence[str] | None = "paper",
         trainable: str = "parser",
         form: str = "auto",
+        coefficient_parametrization: str = "additive",
         cache_trunk: bool = False,
         cache_max_gb: float = 4.0,
         lora_rank: int = 4,
@@ -111,7 +116,10 @@ class SamParser(nn.Module):
         self.coefficient_targets = (
             coefficients if coefficients is None or isinstance(coefficients, str) else list(coefficients)
         )
-        self.decomposed = apply_svd(self.image_encoder, coefficients, form) if coefficients else []
+        self.coefficient_parametrization = coefficient_parametrization
+        self.decomposed = (
+            apply_svd(self.image_encoder, coefficients, form, coefficient_parametrization) if coefficients else []
+        )
         self.lora_layers = apply_lora(self.image_encoder, lora_rank, lora_targets) if trainable == "lora" else []
         self.trainable = trainable
         # features stay where they were computed (on a GPU, moving them to the host would cost what the trunk does)

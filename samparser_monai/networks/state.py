@@ -5,6 +5,11 @@ A coefficient state is a small dict: the trainable tensors (SVD coefficients, ma
 ``trainable`` policy trained, plus the running statistics of trained normalisation layers), the backbone name, the
 coefficient targets, the policy and the sha256 of the base checkpoint. Loading it onto a model built from another
 base checkpoint is refused with one sentence.
+
+SVD coefficients are stored as the singular values ``s`` whatever the model's ``coefficient_parametrization`` (the
+trainable tensor of a relative model is a log-scale; it is converted on the way in and out), so every checkpoint,
+including those written before the relative parametrization existed, loads into a model of either parametrization.
+The state also records how far the coefficients moved from their pretrained values (``coefficient_movement``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from samparser_monai.networks.svd import coefficient_movement, svd_layers
 
 __all__ = ["STATE_FORMAT", "coefficient_state", "load_coefficient_state", "save_coefficient_state", "trainable_keys"]
 
@@ -38,15 +45,26 @@ def trainable_keys(model: nn.Module) -> list[str]:
 
 
 def coefficient_state(model: nn.Module) -> dict[str, Any]:
-    """The coefficient state of a :class:`~samparser_monai.networks.SamParser` (tensors detached, on CPU)."""
+    """The coefficient state of a :class:`~samparser_monai.networks.SamParser` (tensors detached, on CPU).
+
+    Besides the trained tensors it records ``coefficient_parametrization`` and ``coefficient_movement`` (median and
+    largest ``|s - s0| / s0`` per group of decomposed layers; see
+    :func:`~samparser_monai.networks.svd.coefficient_movement`).
+    """
     full = model.state_dict()
+    tensors = {k: full[k].detach().cpu().clone() for k in trainable_keys(model)}
+    for name, layer in svd_layers(model).items():  # always the singular values s, whatever the parametrization
+        if f"{name}.coefficients" in tensors:
+            tensors[f"{name}.coefficients"] = layer.singular_values().detach().cpu().clone()
     return {
         "format": STATE_FORMAT,
         "backbone": model.backbone,
         "base_sha256": model.base_sha256,
         "coefficients": model.coefficient_targets,
         "trainable": model.trainable,
-        "state_dict": {k: full[k].detach().cpu().clone() for k in trainable_keys(model)},
+        "coefficient_parametrization": getattr(model, "coefficient_parametrization", "additive"),
+        "coefficient_movement": coefficient_movement(model),
+        "state_dict": tensors,
     }
 
 
@@ -83,5 +101,13 @@ def load_coefficient_state(model: nn.Module, state: Mapping[str, Any] | str | os
             f"{source} holds {len(foreign)} tensors this model does not have (first: {foreign[0]}); it was saved with "
             f"coefficients={state['coefficients']!r}, this model uses coefficients={model.coefficient_targets!r}."
         )
-    model.load_state_dict(state["state_dict"], strict=False)
+    tensors = dict(state["state_dict"])
+    layers = svd_layers(model)
+    try:
+        for name, layer in layers.items():  # stored as s: each layer converts to its own parametrization
+            if f"{name}.coefficients" in tensors:
+                layer.set_singular_values(tensors.pop(f"{name}.coefficients"))
+    except ValueError as error:
+        raise ValueError(f"{source} cannot be loaded: {error}") from None
+    model.load_state_dict(tensors, strict=False)
     return model

@@ -14,6 +14,12 @@ Compared with running the layer factored (``x -> Vh -> * s -> U``) at every call
   version, so the layer runs at the speed of the plain layer with no per-call reconstruction;
 - :func:`merge_svd_layers` writes the merged weight back into plain ``nn.Linear`` / ``nn.Conv2d`` modules with the
   original state-dict keys, so a fine-tuned model is a stock model again.
+
+Two parametrizations of the coefficients (``parametrization``): ``"additive"`` trains ``s`` itself (the paper's);
+``"relative"`` trains a log-scale ``d`` with ``s = s0 * exp(d)``, ``d = 0`` at the start. Singular values span two
+orders of magnitude, and an optimizer step moves a parameter by about the learning rate: additive steps are large
+for the small values and negligible for the large ones, relative steps change every value by the same fraction and
+keep it positive. Both are exact at initialisation and merge exactly; checkpoints store ``s`` either way.
 """
 
 from __future__ import annotations
@@ -26,12 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "COEFFICIENT_GROUPS",
     "COEFFICIENT_PRESETS",
+    "PARAMETRIZATIONS",
     "SVDConv2d",
     "SVDLayer",
     "SVDLinear",
     "apply_svd",
+    "coefficient_group",
+    "coefficient_movement",
     "coefficient_parameters",
+    "format_movement",
     "is_decomposable",
     "merge_svd_layers",
     "resolve_targets",
@@ -48,18 +59,28 @@ COEFFICIENT_PRESETS: dict[str, tuple[str, ...]] = {
 
 _FORMS = ("auto", "factored", "dense", "official")
 
+#: How the trainable coefficient tensor maps to the singular values ``s`` (see the module docstring).
+PARAMETRIZATIONS = ("additive", "relative")
+
+#: Groups in which coefficient movement is reported, in report order (see :func:`coefficient_group`).
+COEFFICIENT_GROUPS = ("patch_embed", "attention", "mlp", "conv", "neck")
+
 
 class SVDLayer(nn.Module):
     """Base class of a dense layer stored as ``W = basis_u @ diag(coefficients) @ basis_vh``.
 
     Args:
         basis_u: left singular vectors, ``out x r``; frozen.
-        coefficients: singular values, ``r``; trainable.
+        coefficients: the pretrained singular values ``s0``, ``r``; the trainable tensor starts from them (additive)
+            or from zeros (relative).
         basis_vh: right singular vectors, ``r x in_flat``; frozen.
         bias: the layer's bias or ``None``; keeps the ``requires_grad`` flag it arrives with.
         form: ``"auto"`` (default) picks the cheaper exact training form per call; ``"factored"`` or ``"dense"``
             force one in training (benchmarks, tests); ``"official"`` runs factored always, in eval mode too, as the
             original SAM-PARSER code does (the ``parser_official`` baseline).
+        parametrization: ``"additive"`` (the parameter ``coefficients`` is ``s``) or ``"relative"`` (the parameter
+            ``coefficients`` is a log-scale ``d``, ``s = s0 * exp(d)``, zero at the start). Either way
+            :meth:`singular_values` gives ``s`` and the non-persistent buffer ``initial_coefficients`` keeps ``s0``.
     """
 
     def __init__(
@@ -69,12 +90,19 @@ class SVDLayer(nn.Module):
         basis_vh: torch.Tensor,
         bias: torch.Tensor | None,
         form: str = "auto",
+        parametrization: str = "additive",
     ) -> None:
         super().__init__()
         if form not in _FORMS:
             raise ValueError(f"form must be one of {_FORMS}, got {form!r}.")
+        if parametrization not in PARAMETRIZATIONS:
+            raise ValueError(f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}.")
+        self.parametrization = parametrization
         self.basis_u = nn.Parameter(basis_u, requires_grad=False)
-        self.coefficients = nn.Parameter(coefficients)
+        # s0: the pretrained singular values; rebuilt from the base checkpoint, so never saved
+        self.register_buffer("initial_coefficients", coefficients.detach().clone(), persistent=False)
+        relative = parametrization == "relative"
+        self.coefficients = nn.Parameter(torch.zeros_like(coefficients) if relative else coefficients)
         self.basis_vh = nn.Parameter(basis_vh, requires_grad=False)
         if bias is None:
             self.register_parameter("bias", None)
@@ -88,9 +116,44 @@ class SVDLayer(nn.Module):
         """Number of coefficients."""
         return self.coefficients.shape[0]
 
+    def singular_values(self) -> torch.Tensor:
+        """The coefficients ``s`` the layer computes with (differentiable in the trainable tensor)."""
+        if self.parametrization == "relative":
+            return self.initial_coefficients * torch.exp(self.coefficients)
+        return self.coefficients
+
+    @torch.no_grad()
+    def set_singular_values(self, values: torch.Tensor) -> None:
+        """Set ``s`` (what checkpoints store) in this layer's parametrization.
+
+        Raises:
+            ValueError: a relative layer given a value that is not positive where its pretrained value is (a
+                log-scale cannot represent it; load such a checkpoint with ``parametrization="additive"``).
+        """
+        values = values.to(self.coefficients)
+        if values.shape != self.coefficients.shape:
+            raise ValueError(f"expected {tuple(self.coefficients.shape)} coefficients, got {tuple(values.shape)}.")
+        if self.parametrization == "additive":
+            self.coefficients.copy_(values)
+            return
+        s0 = self.initial_coefficients
+        if bool(((values <= 0) & (s0 > 0)).any()):
+            raise ValueError(
+                "these coefficients hold values <= 0, which the relative parametrization (s = s0 * exp(d)) cannot "
+                "represent: build the model with coefficient_parametrization='additive' to load them."
+            )
+        ratio = torch.where(s0 > 0, values / s0.clamp_min(torch.finfo(s0.dtype).tiny), torch.ones_like(values))
+        self.coefficients.copy_(torch.log(ratio))
+
+    def relative_change(self) -> torch.Tensor:
+        """``|s - s0| / s0`` per coefficient (0 where ``s0`` is 0 and ``s`` too), detached."""
+        with torch.no_grad():
+            s, s0 = self.singular_values().float(), self.initial_coefficients.float()
+            return (s - s0).abs() / s0.abs().clamp_min(1e-12)
+
     def merged_weight(self) -> torch.Tensor:
         """Return ``U diag(s) Vh`` reshaped to the layer's weight shape (differentiable in ``s``)."""
-        return ((self.basis_u * self.coefficients) @ self.basis_vh).view(self.weight_shape)
+        return ((self.basis_u * self.singular_values()) @ self.basis_vh).view(self.weight_shape)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -150,7 +213,7 @@ class SVDLayer(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"rank={self.rank}, form={self.form!r}"
+        return f"rank={self.rank}, form={self.form!r}, parametrization={self.parametrization!r}"
 
 
 def _decompose(weight_2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -168,10 +231,10 @@ class SVDLinear(SVDLayer):
     """``nn.Linear`` with an SVD-parametrized weight; see :class:`SVDLayer`."""
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, form: str = "auto") -> SVDLinear:
+    def from_linear(cls, linear: nn.Linear, form: str = "auto", parametrization: str = "additive") -> SVDLinear:
         """Decompose ``linear.weight``; the bias is shared, not copied."""
         u, s, vh = _decompose(linear.weight)
-        return cls(u, s, vh, linear.bias, form=form)
+        return cls(u, s, vh, linear.bias, form=form, parametrization=parametrization)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -184,7 +247,7 @@ class SVDLinear(SVDLayer):
         return F.linear(x, weight, self.bias)
 
     def _factored_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.basis_vh) * self.coefficients, self.basis_u, self.bias)
+        return F.linear(F.linear(x, self.basis_vh) * self.singular_values(), self.basis_u, self.bias)
 
     def to_dense(self) -> nn.Linear:
         out_f, in_f = self.weight_shape
@@ -204,20 +267,22 @@ class SVDConv2d(SVDLayer):
     ``r`` output channels (the rows of ``Vh``), a per-channel scale and a ``1 x 1`` conv with ``U``.
     """
 
-    def __init__(self, conv: nn.Conv2d, basis_u, coefficients, basis_vh, bias, form: str = "auto") -> None:
-        super().__init__(basis_u, coefficients, basis_vh, bias, form=form)
+    def __init__(
+        self, conv: nn.Conv2d, basis_u, coefficients, basis_vh, bias, form: str = "auto", parametrization="additive"
+    ) -> None:
+        super().__init__(basis_u, coefficients, basis_vh, bias, form=form, parametrization=parametrization)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
         self.kernel_size, self.stride, self.dilation = conv.kernel_size, conv.stride, conv.dilation
         self.padding, self.padding_mode = conv.padding, conv.padding_mode
         self._reversed_padding_repeated_twice = conv._reversed_padding_repeated_twice
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, form: str = "auto") -> SVDConv2d:
+    def from_conv(cls, conv: nn.Conv2d, form: str = "auto", parametrization: str = "additive") -> SVDConv2d:
         """Decompose ``conv.weight`` reshaped to ``out x in*kh*kw``; the bias is shared, not copied."""
         if conv.groups != 1:
             raise ValueError(f"Only dense convolutions can be decomposed, this one has groups={conv.groups}.")
         u, s, vh = _decompose(conv.weight.reshape(conv.out_channels, -1))
-        return cls(conv, u, s, vh, conv.bias, form=form)
+        return cls(conv, u, s, vh, conv.bias, form=form, parametrization=parametrization)
 
     @property
     def weight_shape(self) -> tuple[int, ...]:
@@ -245,7 +310,7 @@ class SVDConv2d(SVDLayer):
         x, padding = self._pad(x)
         kernel = self.basis_vh.view(self.rank, self.in_channels, *self.kernel_size)
         z = F.conv2d(x, kernel, None, self.stride, padding, self.dilation)
-        z = z * self.coefficients.view(-1, 1, 1)
+        z = z * self.singular_values().view(-1, 1, 1)
         return F.conv2d(z, self.basis_u.view(self.out_channels, self.rank, 1, 1), self.bias)
 
     def to_dense(self) -> nn.Conv2d:
@@ -271,7 +336,10 @@ class SVDConv2d(SVDLayer):
 
 def _merge_exact(layer: SVDLayer) -> torch.Tensor:
     """``U diag(s) Vh`` accumulated in float64, then cast: the merged weight is as exact as float32 allows."""
-    u, s, vh = (t.detach().to(torch.float64) for t in (layer.basis_u, layer.coefficients, layer.basis_vh))
+    u, vh = (t.detach().to(torch.float64) for t in (layer.basis_u, layer.basis_vh))
+    s = layer.coefficients.detach().to(torch.float64)
+    if layer.parametrization == "relative":
+        s = layer.initial_coefficients.detach().to(torch.float64) * torch.exp(s)
     return ((u * s) @ vh).to(layer.basis_u.dtype).view(layer.weight_shape)
 
 
@@ -315,18 +383,22 @@ def resolve_targets(root: nn.Module, targets: str | Sequence[str]) -> list[str]:
     return selected
 
 
-def apply_svd(root: nn.Module, targets: str | Sequence[str] = "paper", form: str = "auto") -> list[str]:
+def apply_svd(
+    root: nn.Module, targets: str | Sequence[str] = "paper", form: str = "auto", parametrization: str = "additive"
+) -> list[str]:
     """Replace the selected layers of ``root`` in place by their SVD parametrization.
 
     Returns the names of the replaced modules. At return the module computes exactly what it computed before (up to
-    float32 rounding), with the coefficients as the only new trainable tensors.
+    float32 rounding), with the coefficients as the only new trainable tensors. ``parametrization``: see
+    :class:`SVDLayer`.
     """
+    if parametrization not in PARAMETRIZATIONS:
+        raise ValueError(f"coefficient_parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}.")
     names = resolve_targets(root, targets)
     for name in names:
         module = root.get_submodule(name)
-        layer = (
-            SVDLinear.from_linear(module, form) if isinstance(module, nn.Linear) else SVDConv2d.from_conv(module, form)
-        )
+        build = SVDLinear.from_linear if isinstance(module, nn.Linear) else SVDConv2d.from_conv
+        layer = build(module, form, parametrization)
         layer.train(module.training)
         _set_submodule(root, name, layer)
     return names
@@ -354,6 +426,50 @@ def svd_layers(root: nn.Module) -> dict[str, SVDLayer]:
 def coefficient_parameters(root: nn.Module) -> list[nn.Parameter]:
     """The coefficient vectors of every :class:`SVDLayer` under ``root``."""
     return [m.coefficients for m in svd_layers(root).values()]
+
+
+def coefficient_group(name: str) -> str:
+    """The report group of a decomposed layer from its name under the image encoder: ``"neck"``, ``"attention"``,
+    ``"mlp"``, ``"patch_embed"`` or ``"conv"`` (LiteMedSAM's convolution blocks and downsampling, anything else)."""
+    parts = name.split(".")
+    if "neck" in parts:
+        return "neck"
+    if "attn" in parts:
+        return "attention"
+    if "mlp" in parts:
+        return "mlp"
+    if parts[0] == "patch_embed":
+        return "patch_embed"
+    return "conv"
+
+
+def coefficient_movement(root: nn.Module) -> dict[str, dict[str, float]]:
+    """How far the coefficients under ``root`` moved from their pretrained values, by :func:`coefficient_group`.
+
+    Returns:
+        group -> ``{"count", "median", "max"}`` of ``|s - s0| / s0`` over the group's coefficients, plus an ``"all"``
+        row; empty when ``root`` has no SVD layer. Groups in :data:`COEFFICIENT_GROUPS` order.
+    """
+    changes: dict[str, list[torch.Tensor]] = {}
+    for name, layer in svd_layers(root).items():
+        key = coefficient_group(name.removeprefix("image_encoder."))
+        changes.setdefault(key, []).append(layer.relative_change().cpu())
+    if not changes:
+        return {}
+    out = {}
+    for key in [g for g in COEFFICIENT_GROUPS if g in changes] + ["all"]:
+        values = torch.cat([t for v in changes.values() for t in v] if key == "all" else changes[key])
+        out[key] = {"count": values.numel(), "median": values.median().item(), "max": values.max().item()}
+    return out
+
+
+def format_movement(movement: dict[str, dict[str, float]]) -> str:
+    """One line for logs: ``neck 512: median 4.02%, max 12.1% | ...`` (or a sentence when there is nothing)."""
+    if not movement:
+        return "no SVD coefficients"
+    return " | ".join(
+        f"{group} {row['count']:,}: median {row['median']:.2%}, max {row['max']:.2%}" for group, row in movement.items()
+    )
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
