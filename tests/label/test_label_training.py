@@ -79,3 +79,25 @@ def test_the_served_model_reloads_when_the_checkpoint_changes(tmp_path):
 
     os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
     assert served.current()[0] is not first, "a new modification time means a new model"
+
+
+def test_training_from_a_served_checkpoint_keeps_its_parametrization(tmp_path):
+    """An additive checkpoint holding a value that the default relative parametrization cannot represent (a
+    non-positive singular value) trains on as additive, with the coefficients in their own optimizer group."""
+    from samparser_monai.data import make_demo_dataset
+    from samparser_monai.data.datalists import msd_datalist
+
+    data = make_demo_dataset(tmp_path / "Task00_Demo", n_cases=3, shape=(32, 36, 10), seed=1)
+    model = SamParser("tiny", coefficient_parametrization="additive")
+    with torch.no_grad():
+        next(iter(model.image_encoder.neck.modules()))[0].coefficients[-1] = -0.5
+    served = tmp_path / "served.pt"
+    torch.save(coefficient_state(model), served)
+    items = [{"image": i["image"], "label": i["label"]} for i in msd_datalist(data)]
+    options = {"epochs": 1, "samples_per_epoch": 2, "batch_size": 2, "coefficient_learning_rate": 0.01}
+    result = fine_tune(items, TINY, tmp_path / "run", options=options, start_from=served)
+    state = torch.load(result["checkpoint"], weights_only=True)
+    state = state.get("model", state)
+    assert state["coefficient_parametrization"] == "additive"
+    assert state["coefficient_movement"]["neck"]["median"] > 0.005, "0.01 a step moves the coefficients"
+    assert result["options"]["coefficient_learning_rate"] == 0.01

@@ -165,3 +165,31 @@ def test_host_memory_benchmark_compares_both_settings_with_equal_losses():
     refused = subprocess.run([sys.executable, str(script), "--steps", "2", "--warmup", "2"], capture_output=True,
                              text=True, timeout=300)  # fmt: skip
     assert refused.returncode == 1 and "--steps must be more than --warmup" in refused.stderr
+
+
+def test_coefficient_sweep_records_dice_and_movement_and_resumes(tmp_path):
+    """Two runs of the sweep into one folder: the second (--resume, one more learning rate) adds only that run."""
+    from samparser_monai.data import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "Task00_Demo", n_cases=3, shape=(32, 36, 10), seed=1)
+    script = SCRIPT.parent / "sweep_coefficients.py"
+    args = ["--backbone", "tiny", "--methods", "coefficients_paper", "--references", "zero_shot", "--steps", "2"]
+    args += ["--parametrizations", "relative", "--val-cases", "1", "--dataset-dir", str(data)]
+    args += ["--output-dir", str(tmp_path / "out")]
+    first = subprocess.run([sys.executable, str(script), *args, "--learning-rates", "1e-2"], capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run([sys.executable, str(script), *args, "--learning-rates", "1e-2", "3e-2", "--resume"],
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "sweep: 100%|██████████| 1/1" in second.stderr, "only the new learning rate runs"
+    rows = (tmp_path / "out" / "sweep.csv").read_text().splitlines()
+    assert len(rows) == 1 + 3 * 2, "a header, then one row per run and label"
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert re.search(r"\| zero_shot \| - \| - \| 2 \| 0 \| 0\.\d{4} \|.*\| - \| - \|", table)
+    moved = re.findall(r"\| coefficients_paper \| relative \| (0\.0[13]) \| 2 \| 0 \| .* \| (\d+\.\d\d)% \| ", table)
+    assert [lr for lr, _ in moved] == ["0.01", "0.03"] and all(float(m) > 0 for _, m in moved), table
+    assert (tmp_path / "out" / "sweep.png").stat().st_size > 0
+    missing = subprocess.run([sys.executable, str(script), "--dataset-dir", str(tmp_path / "nope")],
+                             capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert missing.returncode == 1 and "does not exist" in missing.stderr.strip().splitlines()[-1]

@@ -83,6 +83,11 @@ def test_cli_exports_a_stock_tiny_checkpoint_with_the_merged_models_masks(tuned_
     assert record["source_checkpoint"] == str(state_path.resolve())
     assert record["stock_checkpoint"]["sha256"] == file_sha256(stock_path)
     assert record["torchscript"] is None
+    # how far the coefficients moved, per group, recorded and printed
+    assert record["coefficient_parametrization"] == "additive"
+    moved = record["coefficient_movement"]
+    assert set(moved) == {"patch_embed", "attention", "mlp", "neck", "all"} and moved["all"]["median"] > 0.05
+    assert "coefficients moved from their pretrained values: patch_embed" in result.stdout
 
 
 def test_a_training_checkpoint_exports_the_same_weights(tuned_tiny, tmp_path):
