@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from samparser_monai.data.datalists import case_id, msd_datalist
 from samparser_monai.engines.host_memory import retain_freed_host_memory
+from samparser_monai.engines.prompt_engine import StopRule
 from samparser_monai.engines.prompts_3d import load_box_json
 from samparser_monai.engines.qa import QAWriter
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
@@ -88,8 +89,26 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="samparser-infer", description=__doc__.split("\n\n")[1])
     parser.add_argument("inputs", nargs="+", help="NIfTI files, folders, globs, a dataset.json, or DICOM folders")
     parser.add_argument("--output-dir", required=True, help="where label maps and CSV files go")
-    parser.add_argument("--prompt", choices=PROMPT_SOURCES, default="label", help="prompt source (default: label)")
-    parser.add_argument("--boxes", help="box JSON for --prompt boxes/propagate (voxel or world mm boxes per case)")
+    parser.add_argument(
+        "--prompt",
+        choices=PROMPT_SOURCES,
+        default="label",
+        help="prompt source (default: label): label = oracle boxes from --labels on every slice; from --boxes: roi "
+        "(3D box, propagated within it), key (box on one slice, propagated; 'propagate' is its old name), points "
+        "(clicks), boxes (each 3D box on every slice it spans)",
+    )
+    parser.add_argument("--boxes", help="prompt JSON for every source but label (voxel or world mm, per case)")
+    rule = StopRule()
+    parser.add_argument("--stop-area", type=float, default=rule.min_area_fraction,
+                        help=f"propagation stops below this fraction of the start slice's mask area "
+                        f"(default {rule.min_area_fraction})")  # fmt: skip
+    parser.add_argument("--stop-iou", type=float, default=rule.min_iou,
+                        help=f"propagation stops below this predicted IoU (default {rule.min_iou})")  # fmt: skip
+    parser.add_argument("--stop-overlap", type=float, default=rule.min_overlap,
+                        help=f"propagation stops when less than this fraction of a mask lies on the previous one "
+                        f"(default {rule.min_overlap})")  # fmt: skip
+    parser.add_argument("--max-distance", type=int, default=rule.max_distance,
+                        help="propagation stops this many slices from the start (default 0: no limit)")  # fmt: skip
     parser.add_argument("--labels", help="reference label maps (folder or glob), paired by case id")
     parser.add_argument("--dicom", action="store_true", help="inputs are folders of DICOM series")
     parser.add_argument("--checkpoint", help="SAM-PARSER coefficient checkpoint (default: the base model, zero-shot)")
@@ -128,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _writable(args.output_dir, items)
     boxes = {}
-    if args.prompt in ("boxes", "propagate"):
+    if args.prompt != "label":
         if not args.boxes:
             print(f"error: --prompt {args.prompt} needs --boxes <file.json>.", file=sys.stderr)
             return 1
@@ -149,7 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         reader = DicomSeriesReader()
     qa = QAWriter(os.path.join(args.output_dir, "qa"), args.qa, args.axis) if args.qa else None
     segmenter = VolumeSegmenter(
-        model, args.output_dir, args.intensity, args.axis, args.batch_size, args.jitter, args.seed, reader, qa_writer=qa
+        model,
+        args.output_dir,
+        args.intensity,
+        args.axis,
+        args.batch_size,
+        args.jitter,
+        args.seed,
+        reader,
+        qa_writer=qa,
+        rule=StopRule(args.stop_area, args.stop_iou, args.stop_overlap, args.max_distance),
     )
     outcomes: list[CaseOutcome] = []
     start = time.perf_counter()

@@ -1,19 +1,22 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
-"""3D prompts for slice-wise inference: boxes from a JSON file (voxel or world mm), and propagation of one key-slice
-box through the neighbouring slices.
+"""3D prompts from a JSON file (voxel or world mm) for slice-wise inference, as the prompts of the
+:class:`~samparser_monai.engines.prompt_engine.PromptEngine` or as per-slice boxes (the ``boxes`` baseline).
 
 JSON format, one list of prompts per case id::
 
     {
         "hippocampus_001": [
             {"label": 1, "box": [i0, j0, k0, i1, j1, k1], "space": "voxel"},
-            {"label": 2, "box": [x0, y0, z0, x1, y1, z1], "space": "world"}
+            {"label": 2, "box": [x0, y0, z0, x1, y1, z1], "space": "world"},
+            {"label": 3, "points": [[i, j, k], [i, j, k]], "point_labels": [1, 0], "space": "voxel"}
         ]
     }
 
-``voxel`` boxes are inclusive voxel indices of the input file as stored (what nibabel's array or a viewer's IJK
-shows); ``world`` boxes are RAS millimetres (the NIfTI/nibabel convention). For propagation a box spans one slice
-along the slicing axis (its key slice).
+``voxel`` coordinates are (inclusive) voxel indices of the input file as stored (what nibabel's array or a viewer's
+IJK shows); ``world`` ones are RAS millimetres (the NIfTI/nibabel convention). How a box is used depends on the run's
+prompt source: ``roi`` (a 3D box: propagated from its centre slice within it), ``key`` (a box on one slice, its key
+slice, propagated from there), ``boxes`` (the same in-plane box on every slice it spans, a baseline). ``points``
+entries are clicks: ``point_labels`` 1 for the object, 0 for background (default all 1).
 """
 
 from __future__ import annotations
@@ -26,12 +29,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
-from samparser_monai.engines.slice_inference import SlicePrompts, _unwrap
-from samparser_monai.transforms.prompts import mask_to_box
+from samparser_monai.engines.prompt_engine import ObjectPrompt
+from samparser_monai.engines.slice_inference import SlicePrompts
 
-__all__ = ["box_to_oriented_voxels", "json_box_prompts", "load_box_json", "plane_box", "propagate_box"]
+__all__ = [
+    "OBJECT_SOURCES",
+    "box_to_oriented_voxels",
+    "json_box_prompts",
+    "json_object_prompts",
+    "load_box_json",
+    "plane_box",
+    "points_to_oriented_voxels",
+]
+
+#: Prompt sources whose JSON entries become :class:`ObjectPrompt` objects of the prompt engine.
+OBJECT_SOURCES = ("roi", "key", "points")
 
 
 def load_box_json(path: str | os.PathLike) -> dict[str, list[dict]]:
@@ -51,14 +64,44 @@ def load_box_json(path: str | os.PathLike) -> dict[str, list[dict]]:
             ok = (
                 isinstance(entry, Mapping)
                 and isinstance(entry.get("label"), int)
+                and not isinstance(entry.get("label"), bool)
+                and entry["label"] > 0
                 and entry.get("space") in ("voxel", "world")
             )
-            if not ok or not isinstance(entry.get("box"), list) or len(entry["box"]) != 6:
+            if ok and "points" in entry:
+                ok = _valid_points(entry)
+            elif ok:
+                ok = isinstance(entry.get("box"), list) and len(entry["box"]) == 6 and all(map(_finite, entry["box"]))
+            if not ok:
                 raise ValueError(
-                    f"Box file '{path}', case '{case}': each prompt needs an integer 'label', a 6-number 'box' "
-                    f"[x0, y0, z0, x1, y1, z1] and 'space' 'voxel' or 'world'; got {entry!r}."
+                    f"Box file '{path}', case '{case}': each prompt needs a positive integer 'label', a 6-number "
+                    f"'box' [x0, y0, z0, x1, y1, z1] or 'points' [[x, y, z], ...] (with optional 'point_labels' of "
+                    f"1 and 0), and 'space' 'voxel' or 'world'; got {entry!r}."
                 )
     return {str(k): list(v) if isinstance(v, list) else [v] for k, v in content.items()}
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and bool(np.isfinite(value))
+
+
+def _valid_points(entry: Mapping) -> bool:
+    points = entry.get("points")
+    if not isinstance(points, list) or not points:
+        return False
+    if not all(isinstance(p, list) and len(p) == 3 and all(map(_finite, p)) for p in points):
+        return False
+    labels = entry.get("point_labels", [1] * len(points))
+    return isinstance(labels, list) and len(labels) == len(points) and all(v in (0, 1) for v in labels)
+
+
+def points_to_oriented_voxels(
+    points: Sequence[Sequence[float]], space: str, original_affine: np.ndarray, oriented_affine: np.ndarray
+) -> np.ndarray:
+    """Points (voxel indices of the stored file, or RAS mm) as ``P x 3`` voxel coordinates of the oriented volume."""
+    homogeneous = np.concatenate([np.asarray(points, np.float64).reshape(-1, 3), np.ones((len(points), 1))], axis=1)
+    world = homogeneous @ np.asarray(original_affine, np.float64).T if space == "voxel" else homogeneous
+    return (world @ np.linalg.inv(np.asarray(oriented_affine, np.float64)).T)[:, :3]
 
 
 def box_to_oriented_voxels(
@@ -97,47 +140,76 @@ def json_box_prompts(
     return prompts
 
 
-@torch.no_grad()
-def propagate_box(
-    network: nn.Module,
-    image: torch.Tensor,
-    key_slice: int,
-    box: torch.Tensor,
+def json_object_prompts(
+    entries: Sequence[Mapping],
+    source: str,
+    original_affine: np.ndarray,
+    oriented_affine: np.ndarray,
+    shape: Sequence[int],
     axis: int = 2,
-    min_pixels: int = 1,
-    margin: float = 0.1,
-) -> torch.Tensor:
-    """Segment one object from a single box on its key slice, carried slice by slice in both directions.
+) -> list[ObjectPrompt]:
+    """Prompt-engine objects from JSON entries, checked against the image they apply to.
 
-    Each next slice is prompted with the tight box of the previous slice's mask, grown by ``margin`` of its size;
-    a direction stops when the mask holds fewer than ``min_pixels`` voxels or the volume ends. Both directions run
-    in the same encoder batch.
+    Args:
+        entries: the case's prompts (see the module docstring).
+        source: ``"roi"`` (each box is a 3D ROI), ``"key"`` (each box lies on its key slice; the middle slice of
+            its extent is used) or ``"points"`` (click entries; a box given with clicks is their ROI).
+        original_affine: affine of the file as stored (voxel prompts are in its indices).
+        oriented_affine: affine of the oriented volume the network sees.
+        shape: spatial shape of that volume.
+        axis: slicing axis.
 
-    Returns:
-        ``X x Y x Z`` boolean mask of the object.
+    Raises:
+        ValueError: a prompt outside the image, of zero size, or of the wrong kind for ``source`` (one sentence
+            naming the prompt and the image's extent).
     """
-    model = _unwrap(network)
-    device = next(model.parameters()).device
-    image = torch.as_tensor(image)
-    n_slices = image.shape[axis + 1]
-    out = torch.zeros(image.shape[1:], dtype=torch.bool)
-    fronts = [(key_slice, box.float(), 0)]  # (slice, box, direction); 0 = the key slice itself
-    while fronts:
-        planes = torch.stack([image.select(axis + 1, s) for s, _, _ in fronts]).to(device=device, dtype=torch.float32)
-        boxes = torch.stack([b for _, b, _ in fronts])[:, None].to(device)
-        masks = model.decode(model.encode(planes), boxes, planes.shape[-2:])[:, 0].cpu() > 0
-        next_fronts = []
-        for (s, _, direction), mask in zip(fronts, masks):
-            if int(mask.sum()) < min_pixels:
-                continue
-            out.select(axis, s).copy_(mask)
-            tight = mask_to_box(mask)
-            grow = margin * torch.stack([tight[2] - tight[0], tight[3] - tight[1]]).repeat(2) + 1.0
-            grown = torch.stack([tight[0] - grow[0], tight[1] - grow[1], tight[2] + grow[2], tight[3] + grow[3]])
-            limits = torch.tensor([mask.shape[1] - 1, mask.shape[0] - 1] * 2, dtype=torch.float32)
-            grown = torch.minimum(grown.clamp_min(0), limits)
-            for step in (-1, 1) if direction == 0 else (direction,):
-                if 0 <= s + step < n_slices:
-                    next_fronts.append((s + step, grown, step))
-        fronts = next_fronts
-    return out
+    if source not in OBJECT_SOURCES:
+        raise ValueError(f"Unknown object prompt source {source!r}; use one of {list(OBJECT_SOURCES)}.")
+    extent = np.asarray(shape, np.float64) - 1
+    where = f"the image's voxel extent is [0, 0, 0] to {[int(v) for v in extent]} (oriented)"
+    objects = []
+    for entry in entries:
+        if source == "points" and "points" not in entry:
+            raise ValueError(f"Prompt {dict(entry)!r} has no 'points': --prompt points needs clicks.")
+        if source != "points" and "box" not in entry:
+            raise ValueError(f"Prompt {dict(entry)!r} has no 'box': --prompt {source} needs boxes.")
+        label = int(entry["label"])
+        box = clip = z_range = points = point_labels = None
+        if "box" in entry:
+            bounds = box_to_oriented_voxels(entry["box"], entry["space"], original_affine, oriented_affine)
+            bounds = np.round(bounds, 3)
+            if np.any(bounds[1] < 0) or np.any(bounds[0] > extent):
+                raise ValueError(f"Prompt box {entry['box']} ({entry['space']}) lies outside the image: {where}.")
+            bounds = np.clip(bounds, 0, extent)
+            box = plane_box(bounds, axis)
+            rows, cols = [a for a in range(3) if a != axis]
+            if bounds[1, rows] - bounds[0, rows] < 1 or bounds[1, cols] - bounds[0, cols] < 1:
+                raise ValueError(f"Prompt box {entry['box']} ({entry['space']}) has zero size in the slice plane.")
+            z_range = (int(np.ceil(bounds[0, axis])), int(np.floor(bounds[1, axis])))
+            clip = box.clone()
+        if "points" in entry:
+            coords = points_to_oriented_voxels(entry["points"], entry["space"], original_affine, oriented_affine)
+            coords = np.round(coords, 3)
+            outside = np.any((coords < -0.5) | (coords > extent + 0.5), axis=1)
+            if outside.any():
+                bad = entry["points"][int(np.argmax(outside))]
+                raise ValueError(f"Click {bad} ({entry['space']}) lies outside the image: {where}.")
+            coords = np.clip(coords, 0, extent)
+            rows, cols = [a for a in range(3) if a != axis]
+            points = torch.tensor(coords[:, [cols, rows, axis]], dtype=torch.float32)  # (x, y, slice)
+            point_labels = torch.tensor(entry.get("point_labels", [1] * len(coords)), dtype=torch.float32)
+            if not bool((point_labels > 0).any()):
+                raise ValueError(f"Prompt {dict(entry)!r} has no positive click: mark the object with a 1.")
+        if source == "points":
+            positive = points[point_labels > 0]
+            start = int(torch.mode(positive[:, 2].round().long()).values)  # the slice with the most positive clicks
+            objects.append(
+                ObjectPrompt(label, start, None, points, point_labels, z_range, clip if "box" in entry else None)
+            )
+        elif source == "key":
+            key = int(round(float(np.mean(z_range))))
+            objects.append(ObjectPrompt(label, key, box))
+        else:
+            centre = (z_range[0] + z_range[1]) // 2
+            objects.append(ObjectPrompt(label, centre, box, z_range=z_range, clip=clip))
+    return objects

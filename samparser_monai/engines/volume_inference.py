@@ -19,7 +19,8 @@ from torch import nn
 
 from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.evaluation import case_metrics
-from samparser_monai.engines.prompts_3d import box_to_oriented_voxels, json_box_prompts, plane_box, propagate_box
+from samparser_monai.engines.prompt_engine import PromptEngine, StopRule
+from samparser_monai.engines.prompts_3d import OBJECT_SOURCES, json_box_prompts, json_object_prompts
 from samparser_monai.engines.slice_inference import SlicePrompts, label_box_prompts, predict_volume
 from samparser_monai.errors import root_message
 from samparser_monai.transforms.pipelines import volume_transforms
@@ -28,8 +29,11 @@ __all__ = ["PROMPT_SOURCES", "CaseOutcome", "VolumeSegmenter"]
 
 logger = logging.getLogger(__name__)
 
-#: Prompt sources of a run: boxes from a reference label map, 3D boxes from JSON, or one key-slice box propagated.
-PROMPT_SOURCES = ("label", "boxes", "propagate")
+#: Prompt sources of a run: ``label`` (oracle: a tight box from the reference on every slice, a baseline), ``boxes``
+#: (each 3D box of the JSON projected on every slice it spans, a baseline), and through the prompt engine: ``roi``
+#: (a 3D box, propagated from its centre slice within it), ``key`` (a box on one slice, propagated with the stop
+#: rule; ``propagate`` is its old name) and ``points`` (clicks).
+PROMPT_SOURCES = ("label", "boxes", "roi", "key", "points", "propagate")
 
 
 @dataclass
@@ -59,6 +63,7 @@ class VolumeSegmenter:
         reader: a MONAI image reader (``DicomSeriesReader`` for DICOM series folders).
         tolerance_mm: surface Dice tolerance of the metrics.
         qa_writer: optional callable ``(case, image, reference, prediction, prompts)`` that writes QA pictures.
+        rule: stop rule of the prompt engine's propagation (``roi``, ``key``, ``points``).
     """
 
     def __init__(
@@ -73,9 +78,12 @@ class VolumeSegmenter:
         reader: Any = None,
         tolerance_mm: float = 1.0,
         qa_writer: Callable | None = None,
+        rule: StopRule | None = None,
     ) -> None:
         self.network, self.output_dir, self.axis, self.batch_size = network, output_dir, axis, batch_size
         self.jitter, self.seed, self.tolerance_mm, self.qa_writer = jitter, seed, tolerance_mm, qa_writer
+        self.engine = PromptEngine(network, axis, batch_size, rule)
+        self.last_result = None  # the engine's PromptResult of the last case it segmented
         self.with_label = volume_transforms(intensity, reader=reader, keys=("image", "label"))
         self.image_only = volume_transforms(intensity, reader=reader, keys=("image",))
         self.saver = SaveImage(
@@ -89,7 +97,8 @@ class VolumeSegmenter:
         )
 
     def prompts(self, source: str, data: Mapping, boxes: Sequence[Mapping] | None) -> SlicePrompts | torch.Tensor:
-        """Prompts of one loaded case; for ``propagate`` the predicted label map itself (prompting is sequential)."""
+        """Prompts of one loaded case; for the engine's sources the predicted label map itself (prompting is
+        sequential there)."""
         image = data["image"]
         if source == "label":
             return label_box_prompts(data["label"][0], self.axis, jitter=self.jitter, seed=self.seed)
@@ -99,15 +108,12 @@ class VolumeSegmenter:
         oriented = np.asarray(image.affine)
         if source == "boxes":
             return json_box_prompts(boxes, original, oriented, image.shape[1:], self.axis)
-        out = torch.zeros(image.shape[1:], dtype=torch.int64)
-        for entry in boxes:
-            bounds = box_to_oriented_voxels(entry["box"], entry["space"], original, oriented)
-            key = int(round(float(bounds[:, self.axis].mean())))
-            if not 0 <= key < image.shape[self.axis + 1]:
-                continue
-            mask = propagate_box(self.network, image, key, plane_box(bounds, self.axis), self.axis)
-            out[mask & (out == 0)] = int(entry["label"])
-        return out
+        source = "key" if source == "propagate" else source
+        if source not in OBJECT_SOURCES:
+            raise ValueError(f"Unknown prompt source {source!r}; use one of {list(PROMPT_SOURCES)}.")
+        objects = json_object_prompts(boxes, source, original, oriented, image.shape[1:], self.axis)
+        self.last_result = self.engine.segment(image, objects)
+        return self.last_result.labels
 
     def segment(self, item: Mapping, source: str = "label", boxes: Sequence[Mapping] | None = None) -> CaseOutcome:
         """Segment one datalist item (``image``, optional ``label`` and ``case``); never raises for a bad case."""
@@ -125,7 +131,7 @@ class VolumeSegmenter:
                 prediction = prompts
                 outcome.slices = int(prediction.any(dim=[d for d in range(3) if d != self.axis]).sum())
                 if not prediction.any():
-                    raise ValueError("no usable prompt: propagation found nothing at the key slice")
+                    raise ValueError("no usable prompt: the model found nothing at the prompted slice")
             else:
                 if not prompts:
                     raise ValueError("no usable prompt for this case")

@@ -249,6 +249,73 @@ class SamParser(nn.Module):
             masks = F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
         return masks.view(b, n, h, w)
 
+    def decode_prompts(
+        self,
+        embeddings: torch.Tensor,
+        image_size: Sequence[int],
+        box: torch.Tensor | None = None,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        multimask: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits and SAM's predicted IoU for one prompt per image: a box, points, or both.
+
+        Args:
+            embeddings: ``B x C_e x h_e x w_e`` from :meth:`encode`.
+            image_size: ``(H, W)`` of the images the prompts are in.
+            box: ``B x 4`` ``(x0, y0, x1, y1)`` in pixels, or ``None``.
+            points: ``B x P x 2`` ``(x, y)`` in pixels, or ``None``.
+            point_labels: ``B x P``: 1 a positive click, 0 a negative one (default all positive).
+            multimask: decode SAM's three ambiguity masks and keep, per image, the one with the highest predicted
+                IoU (what SAM recommends for a single click); otherwise its single-mask output.
+
+        Returns:
+            ``B x H x W`` logits and ``B`` predicted IoU.
+        """
+        if box is None and points is None:
+            raise ValueError("decode_prompts needs a box, points or both.")
+        h, w = int(image_size[0]), int(image_size[1])
+        embeddings = plain_tensor(embeddings)
+        device = embeddings.device
+        rh, rw = self._resized(h, w)
+        scale = torch.tensor([rw / w, rh / h], device=device, dtype=torch.float32)
+        boxes = None
+        if box is not None:
+            boxes = torch.as_tensor(plain_tensor(box), dtype=torch.float32, device=device).reshape(-1, 4)
+            boxes = boxes * scale.repeat(2)
+        point_prompt = None
+        if points is not None:
+            coords = torch.as_tensor(plain_tensor(points), dtype=torch.float32, device=device)
+            labels = (
+                torch.ones(coords.shape[:2], device=device)
+                if point_labels is None
+                else torch.as_tensor(point_labels, dtype=torch.float32, device=device)
+            )
+            # SAM samples the positional encoding at pixel centres
+            point_prompt = ((coords + 0.5) * scale, labels.to(torch.int64))
+        sparse, dense = self.prompt_encoder(points=point_prompt, boxes=boxes, masks=None)
+        dec = self.mask_decoder
+        tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
+        src = embeddings + dense
+        pos = self.prompt_encoder.get_dense_pe().expand(src.shape[0], -1, -1, -1)
+        hs, src = dec.transformer(src, pos, tokens)
+        b, c, eh, ew = dense.shape
+        upscaled = dec.output_upscaling(src.transpose(1, 2).reshape(b, c, eh, ew))
+        iou = dec.iou_prediction_head(hs[:, 0, :])  # B x num_mask_tokens
+        picks = range(1, dec.num_mask_tokens) if multimask else range(1)
+        hyper = torch.stack([dec.output_hypernetworks_mlps[i](hs[:, 1 + i, :]) for i in picks], dim=1)
+        low_res = (hyper @ upscaled.flatten(2)).view(b, len(picks), *upscaled.shape[-2:])
+        scores = iou[:, list(picks)]
+        best = scores.argmax(dim=1)
+        rows = torch.arange(b, device=device)
+        low_res, scores = low_res[rows, best][:, None], scores[rows, best]
+        masks = F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        masks = masks[..., :rh, :rw]
+        if (rh, rw) != (h, w):
+            masks = F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
+        return masks[:, 0], scores
+
     def forward(self, image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
         """Mask logits ``B x N x H x W`` for images ``B x C x H x W`` in [0, 1] and boxes ``B x N x 4`` in pixels."""
         image = plain_tensor(image)

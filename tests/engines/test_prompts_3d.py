@@ -1,5 +1,6 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
-"""3D prompts: voxel and world boxes agree under a non-identity affine; propagation covers the object and stops."""
+"""3D prompts: voxel and world boxes agree under a non-identity affine; the prompt engine propagates ROI, key-slice
+and click prompts, stops where the object ends, and resolves voxels two labels claim by confidence."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from samparser_monai.engines import label_box_prompts
-from samparser_monai.engines.prompts_3d import json_box_prompts, load_box_json, propagate_box
+from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, StopRule
+from samparser_monai.engines.prompts_3d import json_box_prompts, json_object_prompts, load_box_json
 from samparser_monai.transforms import volume_transforms
 
 # a permuted, flipped, anisotropic, shifted grid: stored axes (i, j, k) run along (-y, x, z) in RAS
@@ -51,39 +53,150 @@ def test_voxel_and_world_boxes_give_the_same_prompts_as_the_label(tmp_path):
 
 
 class BrightInsideBox(nn.Module):
-    """Stand-in for SamParser: segments the bright voxels inside the box, so propagation can be checked exactly."""
+    """Stand-in for SamParser: segments the bright voxels inside the box (or within 10 px of the positive clicks), so
+    propagation can be checked exactly. Logits grow with the box's area: a loose box is the more confident one, the
+    case where confidence alone would let a propagated label take over another label's key slice."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(1))
+        self.encoded = 0
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.encoded += len(image)
         return image
 
-    def decode(self, embeddings: torch.Tensor, box: torch.Tensor, image_size) -> torch.Tensor:
+    def decode_prompts(self, embeddings, image_size, box=None, points=None, point_labels=None, multimask=False):
         h, w = image_size
+        if box is None:
+            positive = points[:, point_labels[0] > 0] if point_labels is not None else points
+            box = torch.cat([positive.amin(dim=1) - 10, positive.amax(dim=1) + 10], dim=-1)
         yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        x0, y0, x1, y1 = (box[..., i, None, None] for i in range(4))
+        x0, y0, x1, y1 = (box[:, i, None, None] for i in range(4))
         inside = (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
-        return torch.where(inside & (embeddings[:, :1] > 0.5), 1.0, -1.0)
+        confidence = 1.0 + 0.001 * ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))[:, None, None]
+        logits = torch.where(inside & (embeddings[:, 0] > 0.5), confidence, -1.0)
+        return logits, torch.full((len(box),), 0.9)
 
 
-def test_propagation_from_a_key_slice_covers_the_object_and_stops():
+def _ellipsoid(shape, centre, radii) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1
+
+
+def test_key_slice_propagation_covers_the_object_stops_and_encodes_each_slice_once():
     shape = (40, 40, 20)
-    zz, yy, xx = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
-    ellipsoid = ((zz - 20) / 8.0) ** 2 + ((yy - 18) / 10.0) ** 2 + ((xx - 10) / 6.0) ** 2 <= 1  # spans axis-2 4..16
+    ellipsoid = _ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0))  # spans axis-2 slices 4..16
     image = torch.as_tensor(ellipsoid, dtype=torch.float32)[None]
     image[0, 2:6, 2:6, :] = 1.0  # a second bright object that must not be picked up
     key_box = torch.tensor([8.0, 12.0, 28.0, 28.0])  # the section on slice 10: x along axis 1, y along axis 0
-    mask = propagate_box(BrightInsideBox(), image, key_slice=10, box=key_box, axis=2)
-    assert torch.equal(mask, torch.as_tensor(ellipsoid)), "the whole object, nothing else"
+    network = BrightInsideBox()
+    result = PromptEngine(network, axis=2, rule=StopRule(min_area_fraction=0.0)).segment(
+        image, [ObjectPrompt(label=3, slice=10, box=key_box)]
+    )
+    assert torch.equal(result.labels, torch.as_tensor(ellipsoid).long() * 3), "the whole object, nothing else"
+    assert result.slices == [list(range(4, 17))] and sorted(result.stops[0]) == ["empty", "empty"]
+    assert result.encoded == list(range(3, 18)) and network.encoded == 15, "object slices + 2, each once"
+
+
+def test_the_area_rule_stops_where_the_object_thins_out():
+    shape = (40, 40, 20)
+    image = torch.as_tensor(_ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0)), dtype=torch.float32)[None]
+    result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.5)).segment(
+        image, [ObjectPrompt(label=1, slice=10, box=torch.tensor([8.0, 12.0, 28.0, 28.0]))]
+    )
+    areas = image[0].sum(dim=(0, 1))
+    kept = [s for s in range(20) if areas[s] >= 0.5 * areas[10]]
+    assert result.slices == [kept] and result.stops[0] == ["area", "area"]
+
+
+def test_the_overlap_rule_stops_a_jump_to_another_object():
+    image = torch.zeros(1, 30, 30, 12)
+    image[0, 5:12, 5:12, 2:7] = 1.0  # the object, slices 2..6
+    image[0, 10:20, 10:20, 7:10] = 1.0  # another one right after it, barely overlapping in plane
+    result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, margin=1.0)).segment(
+        image, [ObjectPrompt(label=1, slice=4, box=torch.tensor([5.0, 5.0, 11.0, 11.0]))]
+    )
+    assert result.slices == [[2, 3, 4, 5, 6]] and sorted(result.stops[0]) == ["empty", "overlap"]
+
+
+def test_an_roi_never_leaves_its_slices_or_its_extent():
+    image = torch.zeros(1, 30, 30, 16)
+    image[0, 4:26, 4:26, :] = 1.0  # bright everywhere: only the ROI bounds stop it
+    roi = torch.tensor([6.0, 8.0, 15.0, 20.0])
+    result = PromptEngine(BrightInsideBox(), rule=StopRule(margin=0.5)).segment(
+        image, [ObjectPrompt(label=2, slice=7, box=roi, z_range=(5, 9), clip=roi)]
+    )
+    expected = torch.zeros(30, 30, 16, dtype=torch.long)
+    expected[8:21, 6:16, 5:10] = 2  # y rows 8..20, x columns 6..15, slices 5..9
+    assert torch.equal(result.labels, expected) and sorted(result.stops[0]) == ["roi", "roi"]
+
+
+def _two_touching_objects() -> tuple[torch.Tensor, list[ObjectPrompt]]:
+    image = torch.zeros(1, 40, 40, 12)
+    image[0, 5:15, 5:15, 1:11] = 1.0  # A: a block on slices 1..10
+    image[0, 15:22, 5:15, 6:10] = 1.0  # B: touching A along axis 0, slices 6..9
+    a = ObjectPrompt(label=1, slice=3, box=torch.tensor([5.0, 5.0, 14.0, 14.0]))
+    b = ObjectPrompt(label=2, slice=8, box=torch.tensor([5.0, 15.0, 14.0, 21.0]))
+    return image, [a, b]
+
+
+def test_propagating_one_label_never_erases_another_labels_key_slice():
+    image, objects = _two_touching_objects()
+    # A's propagated box (grown by half its size) covers B on B's key slice, with higher confidence than B's own box
+    result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, margin=0.5)).segment(image, objects)
+    key = result.labels[:, :, 8]
+    assert bool((key[15:22, 5:15] == 2).all()), "B's key slice keeps every voxel B's prompt claims"
+    assert bool((key[5:15, 5:15] == 1).all())
+    on_a_slice = result.labels[:, :, 7]  # propagated for both: the more confident (A's larger box) wins
+    assert bool((on_a_slice[15:22, 5:15] == 1).all())
+
+
+def test_the_order_of_the_labels_never_decides():
+    image, objects = _two_touching_objects()
+    engine = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, margin=0.5))
+    assert torch.equal(engine.segment(image, objects).labels, engine.segment(image, objects[::-1]).labels)
+
+
+def test_clicks_start_an_object_and_refine_the_slices_they_are_on():
+    shape = (40, 40, 20)
+    image = torch.as_tensor(_ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0)), dtype=torch.float32)[None]
+    click = ObjectPrompt(label=1, slice=10, points=torch.tensor([[18.0, 20.0, 10.0]]))
+    result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, margin=1.0)).segment(image, [click])
+    assert result.slices == [list(range(4, 17))]
+    assert torch.equal(result.labels.bool(), torch.as_tensor(_ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0))))
+    with pytest.raises(ValueError, match="neither a box nor a click on its start slice 5"):
+        PromptEngine(BrightInsideBox()).segment(image, [ObjectPrompt(label=1, slice=5, points=click.points)])
+
+
+def test_prompts_outside_the_image_or_of_zero_size_are_one_sentence():
+    eye = np.eye(4)
+    with pytest.raises(ValueError, match=r"lies outside the image: the image's voxel extent is \[0, 0, 0\] to \[9"):
+        json_object_prompts(
+            [{"label": 1, "box": [20, 20, 2, 30, 30, 4], "space": "voxel"}], "roi", eye, eye, (10, 10, 5)
+        )
+    with pytest.raises(ValueError, match="has zero size in the slice plane"):
+        json_object_prompts([{"label": 1, "box": [2, 3, 1, 2, 8, 4], "space": "voxel"}], "roi", eye, eye, (10, 10, 5))
+    with pytest.raises(ValueError, match=r"Click \[3, 3, 9\] \(voxel\) lies outside the image"):
+        json_object_prompts([{"label": 1, "points": [[3, 3, 9]], "space": "voxel"}], "points", eye, eye, (10, 10, 5))
+    key = json_object_prompts([{"label": 4, "box": [1, 2, 3, 6, 8, 3], "space": "voxel"}], "key", eye, eye, (10, 10, 5))
+    assert key[0].slice == 3 and key[0].box.tolist() == [2.0, 1.0, 8.0, 6.0] and key[0].z_range is None
 
 
 def test_box_json_errors(tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"case": [{"label": 1, "box": [1, 2, 3], "space": "voxel"}]}))
-    with pytest.raises(ValueError, match=r"case 'case': each prompt needs an integer 'label', a 6-number 'box'"):
+    with pytest.raises(
+        ValueError, match=r"case 'case': each prompt needs a positive integer 'label', a 6-number 'box'"
+    ):
         load_box_json(bad)
+    for entry in (
+        {"label": -1, "box": [1, 2, 3, 4, 5, 6], "space": "voxel"},
+        {"label": 1, "points": [[1, 2]], "space": "voxel"},
+    ):
+        bad.write_text(json.dumps({"case": [entry]}))
+        with pytest.raises(ValueError, match="each prompt needs a positive integer 'label'"):
+            load_box_json(bad)
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="could not be read as JSON"):
         load_box_json(tmp_path / "broken.json")

@@ -1,0 +1,275 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""The 3D prompt engine: one ROI, one key-slice box or a few clicks per object become a 3D mask.
+
+Each object starts on one slice from the user's prompt and is carried slice by slice in both directions, every next
+slice prompted with the box of the previous slice's mask grown by a margin (the CVPR 2024 "MedSAM on laptop" 3D
+protocol). A direction stops by the :class:`StopRule` (mask area against the start slice's, SAM's predicted IoU,
+overlap with the previous mask, distance), and never leaves an ROI's z-range or in-plane extent. Slices that hold an
+object's own clicks are prompted with the propagated box plus those clicks and always kept, so later clicks refine
+their slice and the propagation continues from the corrected mask.
+
+Several objects in one volume share every encoded slice (each slice goes through the encoder once per call).
+Where two objects claim a voxel, the higher logit wins (an exact tie: the lower label id), whatever the order of the
+objects, except on a slice where
+an object was prompted by the user (its start slice or a clicked slice): there the user's object keeps every voxel
+it claims, so propagating one label never erases another label's key slice.
+
+    engine = PromptEngine(model, axis=2)
+    result = engine.segment(image, [ObjectPrompt(label=1, slice=17, box=torch.tensor([20., 30., 41., 52.]))])
+    result.labels      # X x Y x Z label map;  result.encoded: slices that went through the encoder
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from samparser_monai.networks.param_groups import unwrap_model
+from samparser_monai.networks.sam import plain_tensor
+from samparser_monai.transforms.prompts import mask_to_box
+
+__all__ = ["ObjectPrompt", "PromptEngine", "PromptResult", "StopRule"]
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When propagation stops in a direction (any condition stops it; the slice that fails is not kept).
+
+    Attributes:
+        min_area_fraction: the mask holds fewer pixels than this fraction of the start slice's mask.
+        min_iou: SAM's predicted IoU of the mask is below this.
+        min_overlap: less than this fraction of the new mask lies on the previous slice's mask (the object left).
+        max_distance: slices from the start slice (0: no limit).
+        margin: the previous mask's box is grown by this fraction of its size (plus one pixel) on each side.
+    """
+
+    min_area_fraction: float = 0.2
+    min_iou: float = 0.5
+    min_overlap: float = 0.3
+    max_distance: int = 0
+    margin: float = 0.1
+
+
+@dataclass
+class ObjectPrompt:
+    """One object's prompt, in voxel coordinates of the oriented volume the network sees.
+
+    Attributes:
+        label: label id written for the object.
+        slice: index of the start slice along the engine's axis.
+        box: ``(x0, y0, x1, y1)`` on the start slice (x along the last axis of a slice), or ``None``.
+        points: clicks as ``P x 3`` ``(x, y, slice)``, or ``None``; clicks on the start slice prompt it, clicks on
+            other slices refine those slices when propagation reaches them.
+        point_labels: ``P`` values, 1 a positive click, 0 a negative one (default all positive).
+        z_range: ``(first, last)`` slices the object may occupy (an ROI), or ``None`` for the whole volume.
+        clip: ``(x0, y0, x1, y1)`` every propagated box is clipped to (an ROI's in-plane extent), or ``None``.
+    """
+
+    label: int
+    slice: int
+    box: torch.Tensor | None = None
+    points: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    z_range: tuple[int, int] | None = None
+    clip: torch.Tensor | None = None
+
+    def clicks_on(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(P x 2 (x, y), P labels)`` of the clicks on slice ``index``, or ``None``."""
+        if self.points is None:
+            return None
+        points = torch.as_tensor(self.points, dtype=torch.float32).reshape(-1, 3)
+        labels = torch.ones(len(points)) if self.point_labels is None else torch.as_tensor(self.point_labels).float()
+        on = points[:, 2].round().long() == index
+        return (points[on, :2], labels[on]) if bool(on.any()) else None
+
+
+@dataclass
+class PromptResult:
+    """What :meth:`PromptEngine.segment` produced.
+
+    Attributes:
+        labels: ``X x Y x Z`` int64 label map.
+        encoded: slice indices that went through the image encoder (each once).
+        slices: per object (in the order given), the slices where its mask was kept.
+        stops: per object, why each direction stopped (``"area"``, ``"iou"``, ``"overlap"``, ``"distance"``,
+            ``"roi"``, ``"empty"``, ``"volume"``).
+    """
+
+    labels: torch.Tensor
+    encoded: list[int] = field(default_factory=list)
+    slices: list[list[int]] = field(default_factory=list)
+    stops: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class _Front:
+    index: int  # which object
+    slice: int
+    box: torch.Tensor | None
+    direction: int  # 0 at the start slice, -1 / +1 when propagating
+    previous: torch.Tensor | None = None  # the previous slice's mask
+
+
+class PromptEngine:
+    """Segments objects from :class:`ObjectPrompt` prompts in a ``C x X x Y x Z`` volume, slice by slice.
+
+    Args:
+        network: a :class:`~samparser_monai.networks.SamParser` (or a DDP wrapper of one) in eval mode; merge it first
+            for stock speed.
+        axis: spatial axis of the slices.
+        batch_size: slices per encoder pass.
+        rule: the :class:`StopRule` of propagation.
+    """
+
+    def __init__(self, network: nn.Module, axis: int = 2, batch_size: int = 8, rule: StopRule | None = None) -> None:
+        self.network, self.axis, self.batch_size = network, axis, batch_size
+        self.rule = rule or StopRule()
+
+    @torch.no_grad()
+    def segment(self, image: torch.Tensor, objects: Sequence[ObjectPrompt]) -> PromptResult:
+        """Segment every object; see the module docstring for propagation and for voxels two objects claim.
+
+        Raises:
+            ValueError: an object whose start slice lies outside the volume, or with neither a box nor a click there.
+        """
+        model = unwrap_model(self.network)
+        image = plain_tensor(torch.as_tensor(image))
+        n_slices = image.shape[self.axis + 1]
+        for obj in objects:
+            if not 0 <= obj.slice < n_slices:
+                raise ValueError(
+                    f"Object {obj.label} starts on slice {obj.slice}, outside the volume (0-{n_slices - 1})."
+                )
+            if obj.box is None and obj.clicks_on(obj.slice) is None:
+                raise ValueError(f"Object {obj.label} has neither a box nor a click on its start slice {obj.slice}.")
+        embeddings: dict[int, torch.Tensor] = {}
+        logits: list[dict[int, torch.Tensor]] = [{} for _ in objects]
+        prompted: list[set[int]] = [set() for _ in objects]  # slices the user prompted, per object
+        start_area = [0] * len(objects)
+        stops: list[list[str]] = [[] for _ in objects]
+        fronts = [_Front(i, obj.slice, obj.box, 0) for i, obj in enumerate(objects)]
+        while fronts:
+            self._encode(model, image, {f.slice for f in fronts}, embeddings)
+            next_fronts = []
+            for front, (slice_logits, iou) in zip(fronts, self._decode(model, image, objects, fronts, embeddings)):
+                obj = objects[front.index]
+                mask = slice_logits > 0
+                clicked = obj.clicks_on(front.slice) is not None
+                reason = self._stop_reason(front, mask, float(iou), start_area[front.index], clicked)
+                if reason:
+                    stops[front.index].append(reason)
+                    continue
+                logits[front.index][front.slice] = slice_logits
+                if front.direction == 0 or clicked:
+                    prompted[front.index].add(front.slice)
+                if front.direction == 0:
+                    start_area[front.index] = int(mask.sum())
+                box = self._next_box(mask, obj.clip)
+                for step in (-1, 1) if front.direction == 0 else (front.direction,):
+                    target = front.slice + step
+                    reason = self._out_of_bounds(obj, target, n_slices)
+                    if reason:
+                        stops[front.index].append(reason)
+                    else:
+                        next_fronts.append(_Front(front.index, target, box, step, mask))
+            fronts = next_fronts
+        labels = self._fuse(image.shape[1:], objects, logits, prompted)
+        slices = [sorted(per_object) for per_object in logits]
+        return PromptResult(labels, sorted(embeddings), slices, stops)
+
+    # ------------------------------------------------------------------------------------------------------ steps
+    def _encode(self, model, image: torch.Tensor, wanted: set[int], cache: dict[int, torch.Tensor]) -> None:
+        missing = sorted(wanted - set(cache))
+        device = next(model.parameters()).device
+        for start in range(0, len(missing), self.batch_size):
+            chunk = missing[start : start + self.batch_size]
+            planes = torch.stack([image.select(self.axis + 1, s) for s in chunk]).to(device=device, dtype=torch.float32)
+            for s, embedding in zip(chunk, model.encode(planes)):
+                cache[s] = embedding
+
+    def _decode(self, model, image, objects, fronts, embeddings) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Logits (on the CPU) and predicted IoU per front: box-only fronts in one batch, clicked slices one by one."""
+        size = [d for i, d in enumerate(image.shape[1:]) if i != self.axis]
+        out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(fronts)
+        boxed = [i for i, f in enumerate(fronts) if objects[f.index].clicks_on(f.slice) is None]
+        if boxed:
+            emb = torch.stack([embeddings[fronts[i].slice] for i in boxed])
+            boxes = torch.stack([fronts[i].box.float() for i in boxed]).to(emb.device)
+            masks, iou = model.decode_prompts(emb, size, box=boxes)
+            for row, i in enumerate(boxed):
+                out[i] = (masks[row].float().cpu(), iou[row].float().cpu())
+        for i, front in enumerate(fronts):
+            if out[i] is not None:
+                continue
+            points, point_labels = objects[front.index].clicks_on(front.slice)
+            emb = embeddings[front.slice][None]
+            box = None if front.box is None else front.box.float()[None].to(emb.device)
+            # a single click is ambiguous: SAM's three masks, the most confident kept
+            multimask = box is None and len(points) == 1
+            masks, iou = model.decode_prompts(
+                emb,
+                size,
+                box=box,
+                points=points[None].to(emb.device),
+                point_labels=point_labels[None],
+                multimask=multimask,
+            )
+            out[i] = (masks[0].float().cpu(), iou[0].float().cpu())
+        return out  # type: ignore[return-value]
+
+    def _stop_reason(self, front: _Front, mask: torch.Tensor, iou: float, start_area: int, clicked: bool) -> str:
+        """Why this front's mask ends its direction ("" to keep it). The user's own slices are always kept."""
+        area = int(mask.sum())
+        if area == 0:
+            return "empty"
+        if front.direction == 0 or clicked:
+            return ""
+        rule = self.rule
+        if area < rule.min_area_fraction * start_area:
+            return "area"
+        if iou < rule.min_iou:
+            return "iou"
+        if front.previous is not None and int((mask & front.previous).sum()) < rule.min_overlap * area:
+            return "overlap"
+        return ""
+
+    def _out_of_bounds(self, obj: ObjectPrompt, target: int, n_slices: int) -> str:
+        if not 0 <= target < n_slices:
+            return "volume"
+        if obj.z_range is not None and not obj.z_range[0] <= target <= obj.z_range[1]:
+            return "roi"
+        if self.rule.max_distance and abs(target - obj.slice) > self.rule.max_distance:
+            return "distance"
+        return ""
+
+    def _next_box(self, mask: torch.Tensor, clip: torch.Tensor | None) -> torch.Tensor:
+        """The mask's tight box grown by the margin, inside the slice and the ROI's in-plane extent."""
+        tight = mask_to_box(mask)
+        grow = self.rule.margin * torch.stack([tight[2] - tight[0], tight[3] - tight[1]]).repeat(2) + 1.0
+        grown = torch.cat([tight[:2] - grow[:2], tight[2:] + grow[2:]])
+        low = torch.zeros(2)
+        high = torch.tensor([mask.shape[1] - 1, mask.shape[0] - 1], dtype=torch.float32)
+        if clip is not None:
+            clip = torch.as_tensor(clip, dtype=torch.float32)
+            low, high = torch.maximum(low, clip[:2]), torch.minimum(high, clip[2:])
+        return torch.cat([torch.maximum(grown[:2], low), torch.minimum(grown[2:], high)])
+
+    def _fuse(self, shape, objects, logits, prompted) -> torch.Tensor:
+        """Label map: per voxel the object with the highest positive logit; user-prompted slices keep their object."""
+        out = torch.zeros(tuple(shape), dtype=torch.int64)
+        for s in sorted({s for per_object in logits for s in per_object}):
+            # by label id, so that exact ties go to the lower id, whatever the order the objects came in
+            present = sorted((i for i in range(len(objects)) if s in logits[i]), key=lambda i: objects[i].label)
+            stacked = torch.stack([logits[i][s] for i in present])
+            owners = [row for row, i in enumerate(present) if s in prompted[i]]
+            if owners:  # the user's object on its own slice: others' logits count only where it claims nothing
+                mine = stacked[owners].max(dim=0).values > 0
+                others = [row for row in range(len(present)) if row not in owners]
+                stacked[others] = torch.where(mine, torch.full_like(stacked[others], -torch.inf), stacked[others])
+            best, index = stacked.max(dim=0)
+            ids = torch.tensor([objects[i].label for i in present])
+            out.select(self.axis, s).copy_(torch.where(best > 0, ids[index], 0))
+        return out
