@@ -96,12 +96,16 @@ class PromptResult:
         slices: per object (in the order given), the slices where its mask was kept.
         stops: per object, why each direction stopped (``"area"``, ``"iou"``, ``"overlap"``, ``"distance"``,
             ``"roi"``, ``"empty"``, ``"volume"``).
+        trace: per object, one row per decoded slice: ``slice``, ``direction``, ``area`` (pixels), ``area_fraction``
+            (of the start slice's), ``iou`` (SAM's prediction), ``overlap`` (share of the mask on the previous
+            slice's) and ``stop`` (the reason, or "" when kept): what a stop rule is chosen from.
     """
 
     labels: torch.Tensor
     encoded: list[int] = field(default_factory=list)
     slices: list[list[int]] = field(default_factory=list)
     stops: list[list[str]] = field(default_factory=list)
+    trace: list[list[dict]] = field(default_factory=list)
 
 
 @dataclass
@@ -150,6 +154,7 @@ class PromptEngine:
         prompted: list[set[int]] = [set() for _ in objects]  # slices the user prompted, per object
         start_area = [0] * len(objects)
         stops: list[list[str]] = [[] for _ in objects]
+        trace: list[list[dict]] = [[] for _ in objects]
         fronts = [_Front(i, obj.slice, obj.box, 0) for i, obj in enumerate(objects)]
         while fronts:
             self._encode(model, image, {f.slice for f in fronts}, embeddings)
@@ -159,6 +164,7 @@ class PromptEngine:
                 mask = slice_logits > 0
                 clicked = obj.clicks_on(front.slice) is not None
                 reason = self._stop_reason(front, mask, float(iou), start_area[front.index], clicked)
+                trace[front.index].append(self._trace_row(front, mask, float(iou), start_area[front.index], reason))
                 if reason:
                     stops[front.index].append(reason)
                     continue
@@ -178,7 +184,7 @@ class PromptEngine:
             fronts = next_fronts
         labels = self._fuse(image.shape[1:], objects, logits, prompted)
         slices = [sorted(per_object) for per_object in logits]
-        return PromptResult(labels, sorted(embeddings), slices, stops)
+        return PromptResult(labels, sorted(embeddings), slices, stops, trace)
 
     # ------------------------------------------------------------------------------------------------------ steps
     def _encode(self, model, image: torch.Tensor, wanted: set[int], cache: dict[int, torch.Tensor]) -> None:
@@ -235,6 +241,14 @@ class PromptEngine:
         if front.previous is not None and int((mask & front.previous).sum()) < rule.min_overlap * area:
             return "overlap"
         return ""
+
+    @staticmethod
+    def _trace_row(front: _Front, mask: torch.Tensor, iou: float, start_area: int, reason: str) -> dict:
+        area = int(mask.sum())
+        overlap = 1.0 if front.previous is None or not area else int((mask & front.previous).sum()) / area
+        return {"slice": front.slice, "direction": front.direction, "area": area,
+                "area_fraction": area / start_area if start_area else 1.0, "iou": round(iou, 4),
+                "overlap": round(overlap, 4), "stop": reason}  # fmt: skip
 
     def _out_of_bounds(self, obj: ObjectPrompt, target: int, n_slices: int) -> str:
         if not 0 <= target < n_slices:

@@ -108,6 +108,10 @@ def test_the_area_rule_stops_where_the_object_thins_out():
     areas = image[0].sum(dim=(0, 1))
     kept = [s for s in range(20) if areas[s] >= 0.5 * areas[10]]
     assert result.slices == [kept] and result.stops[0] == ["area", "area"]
+    rows = {row["slice"]: row for row in result.trace[0]}  # what the rule saw, slice by slice
+    assert sorted(rows) == list(range(min(kept) - 1, max(kept) + 2))
+    assert all((row["stop"] == "area") == (row["area_fraction"] < 0.5) for row in rows.values())
+    assert rows[10]["direction"] == 0 and rows[10]["area_fraction"] == 1.0 and rows[11]["iou"] == 0.9
 
 
 def test_the_overlap_rule_stops_a_jump_to_another_object():
