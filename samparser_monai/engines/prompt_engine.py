@@ -92,7 +92,7 @@ class PromptResult:
 
     Attributes:
         labels: ``X x Y x Z`` int64 label map.
-        encoded: slice indices that went through the image encoder (each once).
+        encoded: slice indices that went through the image encoder in this call (each once).
         slices: per object (in the order given), the slices where its mask was kept.
         stops: per object, why each direction stopped (``"area"``, ``"iou"``, ``"overlap"``, ``"distance"``,
             ``"roi"``, ``"empty"``, ``"volume"``).
@@ -133,8 +133,16 @@ class PromptEngine:
         self.rule = rule or StopRule()
 
     @torch.no_grad()
-    def segment(self, image: torch.Tensor, objects: Sequence[ObjectPrompt]) -> PromptResult:
+    def segment(
+        self, image: torch.Tensor, objects: Sequence[ObjectPrompt], embeddings: dict[int, torch.Tensor] | None = None
+    ) -> PromptResult:
         """Segment every object; see the module docstring for propagation and for voxels two objects claim.
+
+        Args:
+            image: ``C x X x Y x Z`` volume, intensities in [0, 1].
+            objects: one prompt per object.
+            embeddings: slice index -> image embedding of *this* image, kept by the caller across calls (a second
+                prompt on the same image then encodes only slices it has not seen); ``None``: a fresh one per call.
 
         Raises:
             ValueError: an object whose start slice lies outside the volume, or with neither a box nor a click there.
@@ -149,7 +157,8 @@ class PromptEngine:
                 )
             if obj.box is None and obj.clicks_on(obj.slice) is None:
                 raise ValueError(f"Object {obj.label} has neither a box nor a click on its start slice {obj.slice}.")
-        embeddings: dict[int, torch.Tensor] = {}
+        embeddings = {} if embeddings is None else embeddings
+        before = set(embeddings)
         logits: list[dict[int, torch.Tensor]] = [{} for _ in objects]
         prompted: list[set[int]] = [set() for _ in objects]  # slices the user prompted, per object
         start_area = [0] * len(objects)
@@ -184,7 +193,7 @@ class PromptEngine:
             fronts = next_fronts
         labels = self._fuse(image.shape[1:], objects, logits, prompted)
         slices = [sorted(per_object) for per_object in logits]
-        return PromptResult(labels, sorted(embeddings), slices, stops, trace)
+        return PromptResult(labels, sorted(set(embeddings) - before), slices, stops, trace)
 
     # ------------------------------------------------------------------------------------------------------ steps
     def _encode(self, model, image: torch.Tensor, wanted: set[int], cache: dict[int, torch.Tensor]) -> None:

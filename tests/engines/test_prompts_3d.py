@@ -76,6 +76,8 @@ class BrightInsideBox(nn.Module):
         inside = (xx >= x0) & (xx <= x1) & (yy >= y0) & (yy <= y1)
         confidence = 1.0 + 0.001 * ((box[:, 2] - box[:, 0]) * (box[:, 3] - box[:, 1]))[:, None, None]
         logits = torch.where(inside & (embeddings[:, 0] > 0.5), confidence, -1.0)
+        if point_labels is not None and bool((point_labels == 0).any()):  # a background click: nothing here
+            logits = torch.full_like(logits, -1.0)
         return logits, torch.full((len(box),), 0.9)
 
 
@@ -169,6 +171,17 @@ def test_clicks_start_an_object_and_refine_the_slices_they_are_on():
     result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, margin=1.0)).segment(image, [click])
     assert result.slices == [list(range(4, 17))]
     assert torch.equal(result.labels.bool(), torch.as_tensor(_ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0))))
+    # a corrective click on another slice refines that slice; kept embeddings mean nothing is encoded twice
+    network, embeddings = BrightInsideBox(), {}
+    engine = PromptEngine(network, rule=StopRule(min_area_fraction=0.0, margin=1.0))
+    first = engine.segment(image, [click], embeddings)
+    points = torch.tensor([[18.0, 20.0, 10.0], [18.0, 20.0, 13.0]])
+    second = engine.segment(
+        image, [ObjectPrompt(1, 10, points=points, point_labels=torch.tensor([1.0, 0.0]))], embeddings
+    )
+    assert len(first.encoded) == 15 and second.encoded == [] and network.encoded == 15
+    assert second.slices == [list(range(4, 13))], "a background click on slice 13 ends the object there"
+    assert not second.labels[:, :, 13:].any() and second.stops[0] == ["empty", "empty"]
     with pytest.raises(ValueError, match="neither a box nor a click on its start slice 5"):
         PromptEngine(BrightInsideBox()).segment(image, [ObjectPrompt(label=1, slice=5, points=click.points)])
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import csv
 import re
 import subprocess
 import sys
@@ -193,3 +194,23 @@ def test_coefficient_sweep_records_dice_and_movement_and_resumes(tmp_path):
     missing = subprocess.run([sys.executable, str(script), "--dataset-dir", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert missing.returncode == 1 and "does not exist" in missing.stderr.strip().splitlines()[-1]
+
+
+def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
+    from samparser_monai.data import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "Task00_Demo", n_cases=3, shape=(32, 36, 10), seed=1)
+    script = SCRIPT.parent / "benchmark_prompts.py"
+    args = ["--backbone", "tiny", "--dataset-dir", str(data), "--output-dir", str(tmp_path / "out"), "--trace"]
+    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "out" / "prompts.md").read_text()
+    for protocol in ("oracle", "roi_boxes", "roi", "key", "click1", "click3"):
+        assert re.search(rf"^\| {protocol} \| 0\.\d{{3}} \| [\d.]+ \| [\d.]+ \| 0\.\d{{3}} \|", table, re.M), protocol
+    assert re.search(r"^\| oracle \| 0\.\d{3} \| [\d.]+ \| 1\.00 \|", table, re.M)
+    rows = list(csv.DictReader((tmp_path / "out" / "prompts.csv").read_text().splitlines()))
+    assert {r["protocol"] for r in rows} == {"oracle", "roi_boxes", "roi", "key", "click1", "click3"}
+    passes = {r["protocol"]: int(r["encoder_passes"]) for r in rows}
+    assert passes["click3"] <= 10, "later clicks reuse the encoded slices (10 slices in the volume)"
+    trace = (tmp_path / "out" / "trace.csv").read_text().splitlines()
+    assert trace[0] == "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol" and len(trace) > 2
