@@ -3,7 +3,7 @@
 
 Protocols, per label of each case (simulated from the reference, as a user would give them):
 
-- ``oracle``: a tight box from the reference on every slice (the evaluation protocol; no user has it);
+- ``label``: a tight box from the reference on every slice (the oracle evaluation protocol; no user has it);
 - ``roi_boxes``: the label's 3D bounding box + 1 voxel, its in-plane box on every slice it spans (the old default);
 - ``roi``: the same 3D box through the prompt engine (centre slice, then propagated within the box);
 - ``key``: a tight box on the label's largest slice, propagated with the stop rule;
@@ -13,7 +13,8 @@ Protocols, per label of each case (simulated from the reference, as a user would
 
 Reported per protocol and label: Dice, HD95, false-positive slices (slices with the label predicted and none in the
 reference), encoder passes and seconds per case; ``--trace`` also writes what the stop rule saw on every slice
-(``trace.csv``), which is what the stop rule's defaults are chosen from.
+(``trace.csv``), which is what the stop rule's defaults are chosen from. The simulation is the library's
+(:mod:`samparser_monai.engines.simulated_prompts`), the same that ``evaluate.json --eval_prompt`` runs.
 
     python scripts/benchmark_prompts.py --checkpoint bundle/models/model.pt --output-dir prompts --cases 26
 """
@@ -31,108 +32,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage
 from tqdm import tqdm
 
 from samparser_monai.engines.evaluation import case_metrics
 from samparser_monai.engines.host_memory import retain_freed_host_memory
-from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, StopRule
-from samparser_monai.engines.slice_inference import label_box_prompts, predict_volume
+from samparser_monai.engines.prompt_engine import StopRule
+from samparser_monai.engines.simulated_prompts import PROTOCOLS, simulate
 from samparser_monai.engines.workflow import bundle_datalists
 from samparser_monai.export import merged_model
 from samparser_monai.transforms.pipelines import volume_transforms
-from samparser_monai.transforms.prompts import mask_to_box
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
-PROTOCOLS = ("oracle", "roi_boxes", "roi", "key", "click1", "click3")
-
-
-def interior_point(mask: np.ndarray) -> tuple[int, ...]:
-    """The voxel of ``mask`` farthest from its border (ties: the first in index order)."""
-    distance = ndimage.distance_transform_edt(np.pad(mask, 1))[tuple(slice(1, -1) for _ in mask.shape)]
-    return tuple(int(v) for v in np.unravel_index(int(np.argmax(distance)), mask.shape))
-
-
-def _roi(reference: np.ndarray, axis: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The 3D bounding box + 1 voxel: in-plane box (x0, y0, x1, y1) and z-range."""
-    coords = np.nonzero(reference)
-    low = [max(int(c.min()) - 1, 0) for c in coords]
-    high = [min(int(c.max()) + 1, n - 1) for c, n in zip(coords, reference.shape)]
-    rows, cols = [a for a in range(3) if a != axis]
-    box = torch.tensor([low[cols], low[rows], high[cols], high[rows]], dtype=torch.float32)
-    return box, (low[axis], high[axis])
-
-
-def _largest_slice(reference: np.ndarray, axis: int) -> int:
-    return int(np.argmax(reference.sum(axis=tuple(a for a in range(3) if a != axis))))
-
-
-def _click(point: Sequence[int], axis: int) -> list[float]:
-    """(x, y, slice) of a voxel index."""
-    rows, cols = [a for a in range(3) if a != axis]
-    return [float(point[cols]), float(point[rows]), float(point[axis])]
-
-
-def _corrective_click(prediction: np.ndarray, reference: np.ndarray, axis: int) -> tuple[list[float], int] | None:
-    """A click at the most interior voxel of the largest error region: positive in a miss, negative in a leak."""
-    error = prediction != reference
-    if not error.any():
-        return None
-    regions, count = ndimage.label(error)
-    sizes = ndimage.sum(error, regions, range(1, count + 1))
-    region = regions == int(np.argmax(sizes)) + 1
-    point = interior_point(region)
-    return _click(point, axis), int(reference[point])
-
-
-def objects_for(protocol: str, reference: np.ndarray, label: int, axis: int, clicks=None) -> ObjectPrompt:
-    """The engine prompt of one label under ``protocol`` (``clicks``: the clicks so far, for ``click3``)."""
-    mask = reference == label
-    key = _largest_slice(mask, axis)
-    if protocol == "roi":
-        box, z_range = _roi(mask, axis)
-        return ObjectPrompt(label, (z_range[0] + z_range[1]) // 2, box, z_range=z_range, clip=box)
-    if protocol == "key":
-        return ObjectPrompt(label, key, mask_to_box(np.take(mask, key, axis=axis)))
-    points, point_labels = clicks
-    return ObjectPrompt(label, key, None, torch.tensor(points), torch.tensor(point_labels, dtype=torch.float32))
-
-
-def run_case(protocol, model, engine, image, reference, axis, labels, batch_size):
-    """Prediction, encoder passes and the engine's trace rows of one case under one protocol."""
-    if protocol == "oracle":
-        prompts = label_box_prompts(torch.as_tensor(reference), axis, labels)
-        return predict_volume(model, image, prompts, axis, batch_size).numpy(), len(prompts), []
-    if protocol == "roi_boxes":
-        prompts: dict[int, list] = {}
-        for label in labels:
-            box, (z0, z1) = _roi(reference == label, axis)
-            for s in range(z0, z1 + 1):
-                prompts.setdefault(s, []).append((label, box))
-        return predict_volume(model, image, prompts, axis, batch_size).numpy(), len(prompts), []
-    clicks = {}
-    for label in labels:
-        mask = reference == label
-        key = _largest_slice(mask, axis)
-        point = list(interior_point(np.take(mask, key, axis=axis)))
-        point.insert(axis, key)
-        clicks[label] = ([_click(point, axis)], [1.0])
-    rounds = 3 if protocol == "click3" else 1
-    passes, trace, embeddings = 0, [], {}  # later clicks reuse the slices already encoded, as an annotation app would
-    for round_ in range(rounds):
-        objects = [objects_for(protocol, reference, label, axis, clicks.get(label)) for label in labels]
-        result = engine.segment(image, objects, embeddings)
-        passes += len(result.encoded)
-        trace = [dict(row, label=obj.label) for obj, rows in zip(objects, result.trace) for row in rows]
-        prediction = result.labels.numpy()
-        if round_ + 1 < rounds:
-            for label in labels:
-                correction = _corrective_click(prediction == label, reference == label, axis)
-                if correction is not None:
-                    clicks[label][0].append(correction[0])
-                    clicks[label][1].append(float(correction[1] == label))
-    return prediction, passes, trace
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -163,12 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, cases = bundle_datalists(args.dataset_dir, "msd", 0.2, 0)
         cases = cases[: args.cases] if args.cases else cases
         model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint, args.device)
-        engine = PromptEngine(
-            model,
-            args.axis,
-            args.batch_size,
-            StopRule(args.stop_area, args.stop_iou, args.stop_overlap, args.max_distance),
-        )
+        rule = StopRule(args.stop_area, args.stop_iou, args.stop_overlap, args.max_distance)
         transform = volume_transforms(args.intensity, keys=("image", "label"))
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -180,11 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             spacing = [float(s) for s in np.sqrt((np.asarray(data["image"].affine)[:3, :3] ** 2).sum(0))]
             for protocol in args.protocols:
                 start = time.perf_counter()
-                prediction, passes, trace = run_case(
-                    protocol, model, engine, data["image"], reference, args.axis, labels, args.batch_size
-                )
+                run = simulate(protocol, model, data["image"], reference, args.axis, args.batch_size, rule, labels)
+                prediction, passes = run.labels.numpy(), run.encoder_passes
                 seconds = time.perf_counter() - start
-                traces += [dict(row, case=item["case"], protocol=protocol) for row in trace]
+                traces += [dict(row, case=item["case"], protocol=protocol) for row in run.trace]
                 n = max(labels) + 1
                 one_hot = [
                     torch.nn.functional.one_hot(torch.as_tensor(a), n).permute(3, 0, 1, 2)
@@ -235,7 +140,7 @@ def render(rows: list[dict]) -> str:
         finite = [v for v in values if not math.isnan(v) and math.isfinite(v)]
         return statistics.fmean(finite) if finite else math.nan
 
-    oracle = {lab: mean([r["dice"] for r in rows if r["protocol"] == "oracle" and r["label"] == lab]) for lab in labels}
+    oracle = {lab: mean([r["dice"] for r in rows if r["protocol"] == "label" and r["label"] == lab]) for lab in labels}
     head = "| protocol | " + " | ".join(f"label {lab} Dice | HD95 | x oracle" for lab in labels)
     lines = [head + " | FP slices / object | encoder passes / case | s / case |",
              "|---|" + "---:|---:|---:|" * len(labels) + "---:|---:|---:|"]  # fmt: skip

@@ -6,6 +6,8 @@ from samparser_monai.engines.coefficient_report import CoefficientMovementReport
 from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
 from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.metrics import SliceDiceMetric
+from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, PromptResult, StopRule
+from samparser_monai.engines.simulated_prompts import PROTOCOLS, SimulatedPromptInferer, simulate
 from samparser_monai.engines.slice_inference import (
     LabelBoxSliceInferer,
     SlicePrompts,
@@ -22,13 +24,19 @@ from samparser_monai.engines.workflow import (
 )
 
 __all__ = [
-    "DATASET_FORMATS",
-    "CoefficientMovementReport",
     "CaseMetricsWriter",
+    "CoefficientMovementReport",
+    "DATASET_FORMATS",
     "LabelBoxSliceInferer",
+    "ObjectPrompt",
+    "PROTOCOLS",
+    "PromptEngine",
+    "PromptResult",
     "RunReport",
+    "SimulatedPromptInferer",
     "SliceDiceMetric",
     "SlicePrompts",
+    "StopRule",
     "TimingReport",
     "TrainableState",
     "bundle_datalists",
@@ -38,4 +46,5 @@ __all__ = [
     "latest_checkpoint",
     "predict_volume",
     "retain_freed_host_memory",
+    "simulate",
 ]

@@ -81,6 +81,21 @@ def test_evaluate_writes_per_case_metrics_with_the_jitter(tmp_path, small_datase
     assert {(r["label"], r["label_name"]) for r in rows} == {("1", "head"), ("2", "body")}
     assert len(rows) == 2 and all(r["box_jitter"] == "0.05" for r in rows)
     assert all(0.0 <= float(r["dice"]) <= 1.0 and float(r["hd95"]) >= 0.0 for r in rows)
+    assert all(r["prompt"] == "label" for r in rows), "the prompts the numbers were made with travel with them"
+
+
+@pytest.mark.parametrize("prompt", ["roi", "click3"])
+def test_evaluate_with_the_prompts_users_give(tmp_path, small_dataset, prompt):
+    _train(tmp_path, small_dataset).run()
+    override = tiny_overrides(tmp_path, small_dataset, eval_prompt=prompt)
+    workflow = _workflow(["train.json", "evaluate.json"], run_id="evaluating", workflow_type="infer", **override)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    with open(tmp_path / "bundle" / "eval" / "evaluation" / "metrics.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 2 and all(r["prompt"] == prompt for r in rows)
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
 
 
 def _root(err: BaseException) -> BaseException:

@@ -80,6 +80,11 @@ class BrightInsideBox(nn.Module):
             logits = torch.full_like(logits, -1.0)
         return logits, torch.full((len(box),), 0.9)
 
+    def decode(self, embeddings, box, image_size):  # SamParser.decode: B x N boxes
+        b, n = box.shape[:2]
+        flat = self.decode_prompts(embeddings.repeat_interleave(n, 0), image_size, box=box.reshape(b * n, 4))[0]
+        return flat.view(b, n, *flat.shape[-2:])
+
 
 def _ellipsoid(shape, centre, radii) -> np.ndarray:
     grids = np.meshgrid(*[np.arange(n) for n in shape], indexing="ij")
@@ -217,3 +222,21 @@ def test_box_json_errors(tmp_path):
     (tmp_path / "broken.json").write_text("{")
     with pytest.raises(ValueError, match="could not be read as JSON"):
         load_box_json(tmp_path / "broken.json")
+
+
+@pytest.mark.parametrize("protocol", ["label", "roi_boxes", "roi", "key", "click1", "click3"])
+def test_simulated_user_prompts_segment_the_reference(protocol):
+    from samparser_monai.engines.simulated_prompts import simulate
+
+    shape = (40, 40, 20)
+    ellipsoid = _ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0))
+    image = torch.as_tensor(ellipsoid, dtype=torch.float32)[None]
+    reference = ellipsoid.astype(np.int64) * 2
+    run = simulate(protocol, BrightInsideBox(), image, reference, rule=StopRule(min_area_fraction=0.0, margin=1.0))
+    assert torch.equal(run.labels, torch.as_tensor(reference)), protocol
+    slices = 13  # the ellipsoid spans slices 4..16
+    expected = {"label": slices, "roi_boxes": slices + 2, "roi": slices + 2, "key": slices + 2}
+    assert run.encoder_passes == expected.get(protocol, slices + 2)
+    assert (len(run.trace) > 0) == (protocol not in ("label", "roi_boxes"))
+    with pytest.raises(ValueError, match="Unknown prompt protocol 'lasso'"):
+        simulate("lasso", BrightInsideBox(), image, reference)

@@ -205,11 +205,11 @@ def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
     result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "out" / "prompts.md").read_text()
-    for protocol in ("oracle", "roi_boxes", "roi", "key", "click1", "click3"):
+    for protocol in ("label", "roi_boxes", "roi", "key", "click1", "click3"):
         assert re.search(rf"^\| {protocol} \| 0\.\d{{3}} \| [\d.]+ \| [\d.]+ \| 0\.\d{{3}} \|", table, re.M), protocol
-    assert re.search(r"^\| oracle \| 0\.\d{3} \| [\d.]+ \| 1\.00 \|", table, re.M)
+    assert re.search(r"^\| label \| 0\.\d{3} \| [\d.]+ \| 1\.00 \|", table, re.M), "the oracle row"
     rows = list(csv.DictReader((tmp_path / "out" / "prompts.csv").read_text().splitlines()))
-    assert {r["protocol"] for r in rows} == {"oracle", "roi_boxes", "roi", "key", "click1", "click3"}
+    assert {r["protocol"] for r in rows} == {"label", "roi_boxes", "roi", "key", "click1", "click3"}
     passes = {r["protocol"]: int(r["encoder_passes"]) for r in rows}
     assert passes["click3"] <= 10, "later clicks reuse the encoded slices (10 slices in the volume)"
     trace = (tmp_path / "out" / "trace.csv").read_text().splitlines()
