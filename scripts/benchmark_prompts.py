@@ -84,19 +84,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             reference = data["label"][0].long().numpy()
             labels = [int(v) for v in np.unique(reference) if v]
             spacing = [float(s) for s in np.sqrt((np.asarray(data["image"].affine)[:3, :3] ** 2).sum(0))]
+            others = tuple(a for a in range(3) if a != args.axis)
             for protocol in args.protocols:
                 start = time.perf_counter()
                 run = simulate(protocol, model, data["image"], reference, args.axis, args.batch_size, rule, labels)
                 prediction, passes = run.labels.numpy(), run.encoder_passes
                 seconds = time.perf_counter() - start
-                traces += [dict(row, case=item["case"], protocol=protocol) for row in run.trace]
+                present = {lab: set(np.nonzero((reference == lab).any(axis=others))[0].tolist()) for lab in labels}
+                traces += [
+                    dict(
+                        row,
+                        case=item["case"],
+                        protocol=protocol,
+                        in_reference=int(row["slice"] in present[row["label"]]),
+                    )
+                    for row in run.trace
+                ]
                 n = max(labels) + 1
                 one_hot = [
                     torch.nn.functional.one_hot(torch.as_tensor(a), n).permute(3, 0, 1, 2)
                     for a in (prediction, reference)
                 ]
                 metrics = case_metrics(one_hot[0], one_hot[1], spacing, 1.0)
-                others = tuple(a for a in range(3) if a != args.axis)
                 for label, metric in zip(range(1, n), metrics):
                     predicted, present = (prediction == label).any(axis=others), (reference == label).any(axis=others)
                     rows.append(

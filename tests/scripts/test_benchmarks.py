@@ -213,4 +213,30 @@ def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
     passes = {r["protocol"]: int(r["encoder_passes"]) for r in rows}
     assert passes["click3"] <= 10, "later clicks reuse the encoded slices (10 slices in the volume)"
     trace = (tmp_path / "out" / "trace.csv").read_text().splitlines()
-    assert trace[0] == "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol" and len(trace) > 2
+    head = "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol,in_reference"
+    assert trace[0] == head and len(trace) > 2
+
+
+def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
+    """A trace where SAM's predicted IoU drops once the object ends: the best rules keep exactly the object."""
+    head = "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol,in_reference"
+    lines = [head, "10,0,50,1.0,0.95,1.0,,1,a,key,1"]
+    for direction in (-1, 1):
+        for step in range(1, 8):
+            inside = step <= 4
+            iou = 0.9 if inside else 0.4
+            lines.append(f"{10 + direction * step},{direction},40,0.8,{iou},0.9,,1,a,key,{int(inside)}")
+    trace = tmp_path / "trace.csv"
+    trace.write_text("\n".join(lines) + "\n")
+    script = SCRIPT.parent / "choose_stop_rule.py"
+    result = subprocess.run([sys.executable, str(script), str(trace), "--top", "3"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    best = [line for line in result.stdout.splitlines() if line.startswith("| ")][1]
+    cells = [c.strip() for c in best.strip("|").split("|")]
+    assert 0.4 < float(cells[1]) <= 0.9 and cells[3:] == ["0", "0.00", "0.00"], result.stdout
+    assert "| never stop | | | 240 | 6.00 | 0.00 |" in result.stdout
+    old = tmp_path / "old.csv"
+    old.write_text(lines[0].rsplit(",", 1)[0] + "\n")
+    refused = subprocess.run([sys.executable, str(script), str(old)], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "has no in_reference column" in refused.stderr
