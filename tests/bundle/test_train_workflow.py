@@ -69,15 +69,20 @@ def test_resume_continues_from_the_saved_epoch(tmp_path, small_dataset, capsys):
     resumed.finalize()
 
 
-def test_evaluate_writes_per_case_metrics_with_the_jitter(tmp_path, small_dataset):
-    _train(tmp_path, small_dataset, amp=True).run()  # the AMP switch (a no-op on CPU; autocast on GPUs)
-    override = tiny_overrides(tmp_path, small_dataset, val_box_jitter=0.05)
+def _evaluate(tmp_path, dataset, **extra) -> list[dict]:
+    """Run evaluate.json over the trained bundle; the rows of its metrics.csv."""
+    override = tiny_overrides(tmp_path, dataset, **extra)
     workflow = _workflow(["train.json", "evaluate.json"], run_id="evaluating", workflow_type="infer", **override)
     workflow.initialize()
     workflow.run()
     workflow.finalize()
     with open(tmp_path / "bundle" / "eval" / "evaluation" / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
+        return list(csv.DictReader(handle))
+
+
+def test_evaluate_writes_per_case_metrics_with_the_jitter(tmp_path, small_dataset):
+    _train(tmp_path, small_dataset, amp=True).run()  # the AMP switch (a no-op on CPU; autocast on GPUs)
+    rows = _evaluate(tmp_path, small_dataset, val_box_jitter=0.05)
     assert {(r["label"], r["label_name"]) for r in rows} == {("1", "head"), ("2", "body")}
     assert len(rows) == 2 and all(r["box_jitter"] == "0.05" for r in rows)
     assert all(0.0 <= float(r["dice"]) <= 1.0 and float(r["hd95"]) >= 0.0 for r in rows)
@@ -87,13 +92,7 @@ def test_evaluate_writes_per_case_metrics_with_the_jitter(tmp_path, small_datase
 @pytest.mark.parametrize("prompt", ["roi", "click3"])
 def test_evaluate_with_the_prompts_users_give(tmp_path, small_dataset, prompt):
     _train(tmp_path, small_dataset).run()
-    override = tiny_overrides(tmp_path, small_dataset, eval_prompt=prompt)
-    workflow = _workflow(["train.json", "evaluate.json"], run_id="evaluating", workflow_type="infer", **override)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    with open(tmp_path / "bundle" / "eval" / "evaluation" / "metrics.csv") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = _evaluate(tmp_path, small_dataset, eval_prompt=prompt)
     assert len(rows) == 2 and all(r["prompt"] == prompt for r in rows)
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in rows)
 
