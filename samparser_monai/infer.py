@@ -189,6 +189,15 @@ def main(argv: list[str] | None = None) -> int:
          "slices": o.slices, "seconds": round(o.seconds, 2)}
         for o in outcomes
     ]  # fmt: skip
+    unmatched = sorted(set(boxes) - {str(item["case"]) for item in items})
+    if unmatched:
+        print(f"warning: {len(unmatched)} case id(s) in '{args.boxes}' match no input: {', '.join(unmatched)}.",
+              file=sys.stderr)  # fmt: skip
+    summary += [
+        {"case": case, "status": "unmatched prompt", "reason": f"'{args.boxes}' has prompts for it, but no input has "
+         "this case id", "image": "", "output": "", "slices": 0, "seconds": 0.0}
+        for case in unmatched
+    ]  # fmt: skip
     _write_csv(os.path.join(args.output_dir, "summary.csv"), summary)
     metrics = [
         {"case": o.case, **row, "prompt": args.prompt, "jitter": args.jitter} for o in outcomes for row in o.metrics

@@ -36,6 +36,7 @@ from samparser_monai.engines.slice_inference import SlicePrompts
 __all__ = [
     "OBJECT_SOURCES",
     "box_to_oriented_voxels",
+    "checked_bounds",
     "json_box_prompts",
     "json_object_prompts",
     "load_box_json",
@@ -122,6 +123,31 @@ def plane_box(bounds: np.ndarray, axis: int) -> torch.Tensor:
     return torch.tensor([bounds[0, cols], bounds[0, rows], bounds[1, cols], bounds[1, rows]], dtype=torch.float32)
 
 
+def _extent_sentence(shape: Sequence[int]) -> str:
+    return f"the image's voxel extent is [0, 0, 0] to {[int(v) - 1 for v in shape]} (oriented)"
+
+
+def checked_bounds(
+    entry: Mapping, original_affine: np.ndarray, oriented_affine: np.ndarray, shape: Sequence[int], axis: int = 2
+) -> np.ndarray:
+    """A prompt's box as inclusive index bounds (2 x 3) of the oriented volume, clipped to it.
+
+    Corners may come in either order (an inverted box is the same box). Raises ``ValueError`` (one sentence naming
+    the box and the image's extent) when the box lies wholly outside the image or has zero size in the slice plane.
+    """
+    extent = np.asarray(shape, np.float64) - 1
+    bounds = np.round(box_to_oriented_voxels(entry["box"], entry["space"], original_affine, oriented_affine), 3)
+    if np.any(bounds[1] < 0) or np.any(bounds[0] > extent):
+        raise ValueError(
+            f"Prompt box {entry['box']} ({entry['space']}) lies outside the image: {_extent_sentence(shape)}."
+        )
+    bounds = np.clip(bounds, 0, extent)
+    rows, cols = [a for a in range(3) if a != axis]
+    if bounds[1, rows] - bounds[0, rows] < 1 or bounds[1, cols] - bounds[0, cols] < 1:
+        raise ValueError(f"Prompt box {entry['box']} ({entry['space']}) has zero size in the slice plane.")
+    return bounds
+
+
 def json_box_prompts(
     entries: Sequence[Mapping],
     original_affine: np.ndarray,
@@ -129,11 +155,16 @@ def json_box_prompts(
     shape: Sequence[int],
     axis: int = 2,
 ) -> SlicePrompts:
-    """Slice prompts from JSON 3D boxes: each box prompts every slice it spans, clipped to the volume."""
+    """Slice prompts from JSON 3D boxes: each box prompts every slice it spans, clipped to the volume.
+
+    Raises:
+        ValueError: a box outside the image or of zero size in the slice plane (see :func:`checked_bounds`).
+    """
     prompts: SlicePrompts = {}
     for entry in entries:
-        bounds = box_to_oriented_voxels(entry["box"], entry["space"], original_affine, oriented_affine)
-        bounds = np.clip(np.round(bounds, 3), 0, np.asarray(shape, np.float64) - 1)
+        if "box" not in entry:
+            raise ValueError(f"Prompt {dict(entry)!r} has no 'box': --prompt boxes needs boxes.")
+        bounds = checked_bounds(entry, original_affine, oriented_affine, shape, axis)
         box = plane_box(bounds, axis)
         for s in range(int(np.ceil(bounds[0, axis])), int(np.floor(bounds[1, axis])) + 1):
             prompts.setdefault(s, []).append((int(entry["label"]), box.clone()))
@@ -166,7 +197,6 @@ def json_object_prompts(
     if source not in OBJECT_SOURCES:
         raise ValueError(f"Unknown object prompt source {source!r}; use one of {list(OBJECT_SOURCES)}.")
     extent = np.asarray(shape, np.float64) - 1
-    where = f"the image's voxel extent is [0, 0, 0] to {[int(v) for v in extent]} (oriented)"
     objects = []
     for entry in entries:
         if source == "points" and "points" not in entry:
@@ -176,15 +206,8 @@ def json_object_prompts(
         label = int(entry["label"])
         box = clip = z_range = points = point_labels = None
         if "box" in entry:
-            bounds = box_to_oriented_voxels(entry["box"], entry["space"], original_affine, oriented_affine)
-            bounds = np.round(bounds, 3)
-            if np.any(bounds[1] < 0) or np.any(bounds[0] > extent):
-                raise ValueError(f"Prompt box {entry['box']} ({entry['space']}) lies outside the image: {where}.")
-            bounds = np.clip(bounds, 0, extent)
+            bounds = checked_bounds(entry, original_affine, oriented_affine, shape, axis)
             box = plane_box(bounds, axis)
-            rows, cols = [a for a in range(3) if a != axis]
-            if bounds[1, rows] - bounds[0, rows] < 1 or bounds[1, cols] - bounds[0, cols] < 1:
-                raise ValueError(f"Prompt box {entry['box']} ({entry['space']}) has zero size in the slice plane.")
             z_range = (int(np.ceil(bounds[0, axis])), int(np.floor(bounds[1, axis])))
             clip = box.clone()
         if "points" in entry:
@@ -193,7 +216,7 @@ def json_object_prompts(
             outside = np.any((coords < -0.5) | (coords > extent + 0.5), axis=1)
             if outside.any():
                 bad = entry["points"][int(np.argmax(outside))]
-                raise ValueError(f"Click {bad} ({entry['space']}) lies outside the image: {where}.")
+                raise ValueError(f"Click {bad} ({entry['space']}) lies outside the image: {_extent_sentence(shape)}.")
             coords = np.clip(coords, 0, extent)
             rows, cols = [a for a in range(3) if a != axis]
             points = torch.tensor(coords[:, [cols, rows, axis]], dtype=torch.float32)  # (x, y, slice)

@@ -134,7 +134,9 @@ class VolumeSegmenter:
                     raise ValueError("no usable prompt: the model found nothing at the prompted slice")
             else:
                 if not prompts:
-                    raise ValueError("no usable prompt for this case")
+                    raise ValueError(
+                        "no reference box on any slice" if source == "label" else "the prompt file has no prompt for it"
+                    )
                 outcome.slices = len(prompts)
                 prediction = predict_volume(self.network, data["image"], prompts, self.axis, self.batch_size)
             if has_label:

@@ -157,3 +157,27 @@ def test_propagation_with_lite_medsam_covers_the_object(tmp_path):
     assert len(predicted_slices & object_slices) >= 0.8 * len(object_slices), (predicted_slices, object_slices)
     dice = 2 * ((prediction == 4) & blob).sum() / ((prediction == 4).sum() + blob.sum())
     assert dice > 0.8, f"Dice {dice:.3f}"
+
+
+def test_prompt_files_are_checked_against_each_image_and_unmatched_ids_reported(tmp_path):
+    """A box outside its image skips that case with the image's extent; case ids with no input are listed."""
+    data = tmp_path / "data"
+    inside, outside, unprompted = (_generated(data, name, with_label=False) for name in ("inside", "outside", "none"))
+    prompts = {
+        "inside": [{"label": 1, "box": [8, 4, 3, 14, 10, 8], "space": "voxel"}],
+        "outside": [{"label": 1, "box": [40, 40, 3, 50, 50, 8], "space": "voxel"}],
+        "typo_case": [{"label": 2, "box": [8, 4, 3, 14, 10, 8], "space": "voxel"}],
+    }
+    (tmp_path / "rois.json").write_text(json.dumps(prompts))
+    out = tmp_path / "out"
+    args = ["--prompt", "roi", "--boxes", str(tmp_path / "rois.json"), "--output-dir", str(out), "--backbone", "tiny"]
+    result = _infer(str(inside), str(outside), str(unprompted), *args)
+    assert result.returncode == 1, "a skipped case makes the run fail"
+    summary = {r["case"]: r for r in _rows(out / "summary.csv")}
+    assert summary["inside"]["status"] == "ok", summary["inside"]["reason"]
+    assert summary["outside"]["status"] == "skipped"
+    assert summary["outside"]["reason"].startswith("Prompt box [40, 40, 3, 50, 50, 8] (voxel) lies outside the image")
+    assert "voxel extent is [0, 0, 0] to" in summary["outside"]["reason"]
+    assert summary["none"]["reason"] == "the prompt file has no prompt for it"
+    assert summary["typo_case"]["status"] == "unmatched prompt"
+    assert "warning: 1 case id(s) in" in result.stderr and "match no input: typo_case." in result.stderr
