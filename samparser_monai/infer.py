@@ -102,6 +102,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop-area", type=float, default=rule.min_area_fraction,
                         help=f"propagation stops below this fraction of the start slice's mask area "
                         f"(default {rule.min_area_fraction})")  # fmt: skip
+    parser.add_argument("--stop-growth", type=float, default=rule.max_area_fraction,
+                        help="propagation stops above this multiple of the start slice's mask area (default "
+                        f"{rule.max_area_fraction}; 0: no limit)")  # fmt: skip
     parser.add_argument("--stop-iou", type=float, default=rule.min_iou,
                         help=f"propagation stops below this predicted IoU (default {rule.min_iou})")  # fmt: skip
     parser.add_argument("--stop-overlap", type=float, default=rule.min_overlap,
@@ -177,7 +180,13 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         reader,
         qa_writer=qa,
-        rule=StopRule(args.stop_area, args.stop_iou, args.stop_overlap, args.max_distance),
+        rule=StopRule(
+            min_area_fraction=args.stop_area,
+            max_area_fraction=args.stop_growth,
+            min_iou=args.stop_iou,
+            min_overlap=args.stop_overlap,
+            max_distance=args.max_distance,
+        ),
     )
     outcomes: list[CaseOutcome] = []
     start = time.perf_counter()

@@ -60,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     rule = StopRule()
     parser.add_argument("--stop-area", type=float, default=rule.min_area_fraction)
+    parser.add_argument("--stop-growth", type=float, default=rule.max_area_fraction)
     parser.add_argument("--stop-iou", type=float, default=rule.min_iou)
     parser.add_argument("--stop-overlap", type=float, default=rule.min_overlap)
     parser.add_argument("--max-distance", type=int, default=rule.max_distance)
@@ -74,7 +75,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, cases = bundle_datalists(args.dataset_dir, "msd", 0.2, 0)
         cases = cases[: args.cases] if args.cases else cases
         model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint, args.device)
-        rule = StopRule(args.stop_area, args.stop_iou, args.stop_overlap, args.max_distance)
+        rule = StopRule(
+            min_area_fraction=args.stop_area,
+            max_area_fraction=args.stop_growth,
+            min_iou=args.stop_iou,
+            min_overlap=args.stop_overlap,
+            max_distance=args.max_distance,
+        )
         transform = volume_transforms(args.intensity, keys=("image", "label"))
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 AREAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
+GROWTHS = (0.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 IOUS = (-1.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 OVERLAPS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)
 
@@ -39,7 +40,7 @@ def directions(rows: list[dict]) -> list[list[dict]]:
     return [sorted(group, key=lambda r: int(r["slice"]) * int(r["direction"])) for group in groups.values()]
 
 
-def score(walks: list[list[dict]], area: float, iou: float, overlap: float) -> tuple[float, int, int]:
+def score(walks: list[list[dict]], area: float, growth: float, iou: float, overlap: float) -> tuple[float, int, int]:
     """Area-weighted error, wrongly kept slices and wrongly dropped slices of one rule over every direction."""
     cost, kept_out, dropped_in = 0.0, 0, 0
     for walk in walks:
@@ -48,6 +49,7 @@ def score(walks: list[list[dict]], area: float, iou: float, overlap: float) -> t
             fires = (
                 int(row["area"]) == 0
                 or float(row["area_fraction"]) < area
+                or (growth > 0 and float(row["area_fraction"]) > growth)
                 or float(row["iou"]) < iou
                 or float(row["overlap"]) < overlap
             )
@@ -78,14 +80,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     walks = directions(rows)
     objects = len({(r["case"], r["protocol"], r["label"]) for r in rows})
-    results = sorted((score(walks, a, i, o), (a, i, o)) for a, i, o in itertools.product(AREAS, IOUS, OVERLAPS))
+    grid = itertools.product(AREAS, GROWTHS, IOUS, OVERLAPS)
+    results = sorted((score(walks, *rule), rule) for rule in grid)
     lines = [f"{objects} objects, {len(walks)} directions from {Path(args.trace).name}", "",
-             "| min area fraction | min predicted IoU | min overlap | area-weighted error | FP slices / object | "
-             "missed slices / object |", "|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for (cost, kept_out, dropped_in), (a, i, o) in results[: args.top]:
-        lines.append(f"| {a} | {i} | {o} | {cost:.0f} | {kept_out / objects:.2f} | {dropped_in / objects:.2f} |")
-    never = score(walks, 0.0, -1.0, 0.0)
-    lines.append(f"| never stop | | | {never[0]:.0f} | {never[1] / objects:.2f} | {never[2] / objects:.2f} |")
+             "| min area fraction | max area fraction | min predicted IoU | min overlap | area-weighted error | "
+             "FP slices / object | missed slices / object |", "|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for (cost, kept_out, dropped_in), (a, g, i, o) in results[: args.top]:
+        lines.append(f"| {a} | {g} | {i} | {o} | {cost:.0f} | {kept_out / objects:.2f} | {dropped_in / objects:.2f} |")
+    never = score(walks, 0.0, 0.0, -1.0, 0.0)
+    lines.append(f"| never stop | | | | {never[0]:.0f} | {never[1] / objects:.2f} | {never[2] / objects:.2f} |")
     print("\n".join(lines))
     return 0
 

@@ -40,6 +40,8 @@ class StopRule:
 
     Attributes:
         min_area_fraction: the mask holds fewer pixels than this fraction of the start slice's mask.
+        max_area_fraction: the mask holds more pixels than this multiple of the start slice's mask (0: no limit).
+            Past an object's end SAM's masks tend to grow into what lies beyond, rather than vanish.
         min_iou: SAM's predicted IoU of the mask is below this.
         min_overlap: less than this fraction of the new mask lies on the previous slice's mask (the object left).
         max_distance: slices from the start slice (0: no limit).
@@ -47,6 +49,7 @@ class StopRule:
     """
 
     min_area_fraction: float = 0.2
+    max_area_fraction: float = 0.0
     min_iou: float = 0.5
     min_overlap: float = 0.3
     max_distance: int = 0
@@ -94,8 +97,8 @@ class PromptResult:
         labels: ``X x Y x Z`` int64 label map.
         encoded: slice indices that went through the image encoder in this call (each once).
         slices: per object (in the order given), the slices where its mask was kept.
-        stops: per object, why each direction stopped (``"area"``, ``"iou"``, ``"overlap"``, ``"distance"``,
-            ``"roi"``, ``"empty"``, ``"volume"``).
+        stops: per object, why each direction stopped (``"area"``, ``"growth"``, ``"iou"``, ``"overlap"``,
+            ``"distance"``, ``"roi"``, ``"empty"``, ``"volume"``).
         trace: per object, one row per decoded slice: ``slice``, ``direction``, ``area`` (pixels), ``area_fraction``
             (of the start slice's), ``iou`` (SAM's prediction), ``overlap`` (share of the mask on the previous
             slice's) and ``stop`` (the reason, or "" when kept): what a stop rule is chosen from.
@@ -245,6 +248,8 @@ class PromptEngine:
         rule = self.rule
         if area < rule.min_area_fraction * start_area:
             return "area"
+        if rule.max_area_fraction and area > rule.max_area_fraction * start_area:
+            return "growth"
         if iou < rule.min_iou:
             return "iou"
         if front.previous is not None and int((mask & front.previous).sum()) < rule.min_overlap * area:

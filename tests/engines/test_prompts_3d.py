@@ -240,3 +240,15 @@ def test_simulated_user_prompts_segment_the_reference(protocol):
     assert (len(run.trace) > 0) == (protocol not in ("label", "roi_boxes"))
     with pytest.raises(ValueError, match="Unknown prompt protocol 'lasso'"):
         simulate("lasso", BrightInsideBox(), image, reference)
+
+
+def test_the_growth_rule_stops_a_mask_that_spreads_past_the_object():
+    image = torch.zeros(1, 40, 40, 12)
+    for s in range(12):  # a square whose side grows by 2 pixels a slice: area 4x the start's by slice 7 from 2
+        half = 3 + s
+        image[0, 20 - half : 20 + half, 20 - half : 20 + half, s] = 1.0
+    result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, max_area_fraction=2.0, margin=1.0))
+    run = result.segment(image, [ObjectPrompt(label=1, slice=4, box=torch.tensor([13.0, 13.0, 26.0, 26.0]))])
+    areas = {s: (2 * (3 + s)) ** 2 for s in range(12)}
+    kept = [s for s in range(12) if areas[s] <= 2.0 * areas[4]]
+    assert run.slices == [kept] and sorted(run.stops[0]) == ["growth", "volume"]

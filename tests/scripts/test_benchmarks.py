@@ -234,8 +234,8 @@ def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
     assert result.returncode == 0, result.stderr
     best = [line for line in result.stdout.splitlines() if line.startswith("| ")][1]
     cells = [c.strip() for c in best.strip("|").split("|")]
-    assert 0.4 < float(cells[1]) <= 0.9 and cells[3:] == ["0", "0.00", "0.00"], result.stdout
-    assert "| never stop | | | 240 | 6.00 | 0.00 |" in result.stdout
+    assert 0.4 < float(cells[2]) <= 0.9 and cells[4:] == ["0", "0.00", "0.00"], result.stdout
+    assert "| never stop | | | | 240 | 6.00 | 0.00 |" in result.stdout
     old = tmp_path / "old.csv"
     old.write_text(lines[0].rsplit(",", 1)[0] + "\n")
     refused = subprocess.run([sys.executable, str(script), str(old)], capture_output=True, text=True, timeout=120)
