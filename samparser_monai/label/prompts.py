@@ -2,7 +2,8 @@
 """From a MONAI Label request (an ROI and/or clicks, in voxel indices of the stored image) to the 3D box prompts
 that :class:`~samparser_monai.engines.volume_inference.VolumeSegmenter` takes.
 
-* an ROI spanning several slices: its in-plane extent is the box of every slice in its slice range;
+* an ROI spanning several slices: the prompt engine's ``roi`` prompt (its centre slice from its in-plane box, then
+  propagated slice by slice, never leaving the ROI);
 * an ROI one slice thick (a rectangle drawn on one slice): that box, propagated slice to slice;
 * foreground clicks: on each clicked slice, a box around the clicks (``click_box_mm`` wide; the ROI's in-plane extent
   when an ROI is given too), propagated slice to slice;
@@ -53,7 +54,8 @@ class PromptPlan:
     """What to run for one request.
 
     Attributes:
-        source: ``"boxes"`` (a box on every slice of a range) or ``"propagate"`` (a key-slice box carried on).
+        source: ``"roi"`` (a 3D box: its centre slice segmented, then propagated within it by the prompt engine) or
+            ``"propagate"`` (a key-slice box carried on by the same engine).
         boxes: box entries for :meth:`~samparser_monai.engines.volume_inference.VolumeSegmenter.segment`
             (``{"box": [i0, j0, k0, i1, j1, k1], "space": "voxel", "label": 1}``).
         keep: ``3 x 2`` inclusive voxel bounds the result is clipped to, or None.
@@ -220,7 +222,7 @@ def _roi_plan(
 ) -> PromptPlan:
     """An ROI alone: a box on every slice it spans, or, one slice thick, its box propagated."""
     if roi[through, 1] > roi[through, 0]:
-        return PromptPlan("boxes", [_entry(roi)], roi, background)
+        return PromptPlan("roi", [_entry(roi)], roi, background)
     key = (int(roi[through, 0]),) * 2
     keep = _bounded(roi, key, through, _width_mm(roi, plane, geometry), geometry)
     return PromptPlan("propagate", [_entry(roi)], keep, background)

@@ -30,7 +30,7 @@ PERMUTED = ImageGeometry((20, 40, 30), np.array([[0, 0, -1.0, 10], [0, 1.0, 0, 0
 def test_roi_layouts_and_swapped_bounds_give_the_same_box(roi):
     assert parse_roi(roi).tolist() == [[2, 9], [3, 12], [4, 8]]
     plan = plan_prompts({"roi": roi}, RAS)
-    assert plan.source == "boxes" and plan.keep.tolist() == [[2, 9], [3, 12], [4, 8]]
+    assert plan.source == "roi" and plan.keep.tolist() == [[2, 9], [3, 12], [4, 8]]
     assert plan.boxes == [{"box": [2.0, 3.0, 4.0, 9.0, 12.0, 8.0], "space": "voxel", "label": 1}]
 
 
