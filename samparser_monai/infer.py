@@ -110,6 +110,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stop-overlap", type=float, default=rule.min_overlap,
                         help=f"propagation stops when less than this fraction of a mask lies on the previous one "
                         f"(default {rule.min_overlap})")  # fmt: skip
+    parser.add_argument("--margin", type=float, default=rule.margin,
+                        help="each propagated box is the previous mask's box grown by this fraction of its size "
+                        f"(default {rule.margin}) ...")  # fmt: skip
+    parser.add_argument("--pad", type=float, default=rule.pad,
+                        help=f"... plus this many pixels (default {rule.pad})")  # fmt: skip
     parser.add_argument("--max-distance", type=int, default=rule.max_distance,
                         help="propagation stops this many slices from the start (default 0: no limit)")  # fmt: skip
     parser.add_argument("--labels", help="reference label maps (folder or glob), paired by case id")
@@ -186,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
             min_iou=args.stop_iou,
             min_overlap=args.stop_overlap,
             max_distance=args.max_distance,
+            margin=args.margin,
+            pad=args.pad,
         ),
     )
     outcomes: list[CaseOutcome] = []

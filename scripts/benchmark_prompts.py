@@ -64,6 +64,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--stop-iou", type=float, default=rule.min_iou)
     parser.add_argument("--stop-overlap", type=float, default=rule.min_overlap)
     parser.add_argument("--max-distance", type=int, default=rule.max_distance)
+    parser.add_argument("--margin", type=float, default=rule.margin)
+    parser.add_argument("--pad", type=float, default=rule.pad)
     parser.add_argument("--trace", action="store_true", help="write trace.csv: what the stop rule saw per slice")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="benchmark_results/prompts")
@@ -81,6 +83,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_iou=args.stop_iou,
             min_overlap=args.stop_overlap,
             max_distance=args.max_distance,
+            margin=args.margin,
+            pad=args.pad,
         )
         transform = volume_transforms(args.intensity, keys=("image", "label"))
         out = Path(args.output_dir)

@@ -45,7 +45,9 @@ class StopRule:
         min_iou: SAM's predicted IoU of the mask is below this.
         min_overlap: less than this fraction of the new mask lies on the previous slice's mask (the object left).
         max_distance: slices from the start slice (0: no limit).
-        margin: the previous mask's box is grown by this fraction of its size (plus one pixel) on each side.
+        margin: the previous mask's box is grown by this fraction of its size on each side ...
+        pad: ... plus this many pixels. A loose box makes SAM fill it, and a mask that fills its box grows the next
+            box again: too much of either lets propagation spread slice after slice.
     """
 
     min_area_fraction: float = 0.2
@@ -54,6 +56,7 @@ class StopRule:
     min_overlap: float = 0.3
     max_distance: int = 0
     margin: float = 0.1
+    pad: float = 1.0
 
 
 @dataclass
@@ -274,9 +277,9 @@ class PromptEngine:
         return ""
 
     def _next_box(self, mask: torch.Tensor, clip: torch.Tensor | None) -> torch.Tensor:
-        """The mask's tight box grown by the margin, inside the slice and the ROI's in-plane extent."""
+        """The mask's tight box grown by the margin and pad, inside the slice and the ROI's in-plane extent."""
         tight = mask_to_box(mask)
-        grow = self.rule.margin * torch.stack([tight[2] - tight[0], tight[3] - tight[1]]).repeat(2) + 1.0
+        grow = self.rule.margin * torch.stack([tight[2] - tight[0], tight[3] - tight[1]]).repeat(2) + self.rule.pad
         grown = torch.cat([tight[:2] - grow[:2], tight[2:] + grow[2:]])
         low = torch.zeros(2)
         high = torch.tensor([mask.shape[1] - 1, mask.shape[0] - 1], dtype=torch.float32)
