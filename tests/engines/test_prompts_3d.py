@@ -155,7 +155,9 @@ def _two_touching_objects() -> tuple[torch.Tensor, list[ObjectPrompt]]:
 def test_propagating_one_label_never_erases_another_labels_key_slice():
     image, objects = _two_touching_objects()
     # A's propagated box (grown by half its size) covers B on B's key slice, with higher confidence than B's own box
-    result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, margin=0.5)).segment(image, objects)
+    result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, min_overlap=0.3, margin=0.5)).segment(
+        image, objects
+    )
     key = result.labels[:, :, 8]
     assert bool((key[15:22, 5:15] == 2).all()), "B's key slice keeps every voxel B's prompt claims"
     assert bool((key[5:15, 5:15] == 1).all())
@@ -165,7 +167,7 @@ def test_propagating_one_label_never_erases_another_labels_key_slice():
 
 def test_the_order_of_the_labels_never_decides():
     image, objects = _two_touching_objects()
-    engine = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, margin=0.5))
+    engine = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, min_overlap=0.3, margin=0.5))
     assert torch.equal(engine.segment(image, objects).labels, engine.segment(image, objects[::-1]).labels)
 
 
@@ -247,7 +249,9 @@ def test_the_growth_rule_stops_a_mask_that_spreads_past_the_object():
     for s in range(12):  # a square whose side grows by 2 pixels a slice: area 4x the start's by slice 7 from 2
         half = 3 + s
         image[0, 20 - half : 20 + half, 20 - half : 20 + half, s] = 1.0
-    result = PromptEngine(BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, max_area_fraction=2.0, margin=1.0))
+    result = PromptEngine(
+        BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, max_area_fraction=2.0, min_overlap=0.0, margin=1.0)
+    )
     run = result.segment(image, [ObjectPrompt(label=1, slice=4, box=torch.tensor([13.0, 13.0, 26.0, 26.0]))])
     areas = {s: (2 * (3 + s)) ** 2 for s in range(12)}
     kept = [s for s in range(12) if areas[s] <= 2.0 * areas[4]]
