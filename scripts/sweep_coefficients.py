@@ -185,27 +185,33 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     except ImportError:
         print("matplotlib is not installed: no plot written (pip install matplotlib).", file=sys.stderr)
         return None
-    runs = {run_key(r): r for r in rows}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    series = sorted({(r["method"], r["parametrization"], r["steps"]) for r in runs.values() if r["parametrization"]})
-    for method, parametrization, steps in series:
-        picked = sorted(
-            (float(r["coefficient_lr"]), float(r["mean_dice"]))
-            for r in runs.values()
-            if (r["method"], r["parametrization"], r["steps"]) == (method, parametrization, steps) and r["seed"] == "0"
-        )
-        style = "-" if parametrization == "relative" else "--"
-        ax.plot(*zip(*picked), style, marker="o", label=f"{method}, {parametrization}, {steps} steps")
-    for r in runs.values():
-        if not r["parametrization"] and r["seed"] == "0":
-            ax.axhline(float(r["mean_dice"]), color="grey", lw=0.8, ls=":")
-            ax.annotate(f"{r['method']} ({r['steps']})" if r["method"] != ZERO_SHOT else ZERO_SHOT,
-                        (ax.get_xlim()[0], float(r["mean_dice"])), fontsize=7, va="bottom")  # fmt: skip
-    ax.set_xscale("log")
-    ax.set_xlabel("coefficient learning rate")
-    ax.set_ylabel("mean 3D Dice (both labels)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+    runs = {run_key(r): r for r in rows if r["seed"] == "0"}
+    methods = sorted({r["method"] for r in runs.values() if r["parametrization"]})
+    if not methods:
+        return None
+    fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
+    references = [r for r in runs.values() if not r["parametrization"]]
+    for ax, method in zip(axes[0], methods):
+        for parametrization, steps in sorted({(r["parametrization"], r["steps"]) for r in runs.values()
+                                              if r["method"] == method and r["parametrization"]}):  # fmt: skip
+            picked = sorted(
+                (float(r["coefficient_lr"]), float(r["mean_dice"]))
+                for r in runs.values()
+                if (r["method"], r["parametrization"], r["steps"]) == (method, parametrization, steps)
+            )
+            style = "-" if parametrization == "relative" else "--"
+            ax.plot(*zip(*picked), style, marker="o", label=f"{parametrization}, {steps} steps")
+        for r in references:
+            name = r["method"] if r["method"] == ZERO_SHOT else f"{r['method']} ({r['steps']} steps)"
+            ax.axhline(float(r["mean_dice"]), color="grey", lw=0.8, ls=":" if r["method"] == ZERO_SHOT else "-.")
+            ax.annotate(name, (0.01, float(r["mean_dice"])), xycoords=("axes fraction", "data"), fontsize=7,
+                        va="bottom")  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_title(method)
+        ax.set_xlabel("coefficient learning rate")
+        ax.set_ylabel("mean 3D Dice (both labels)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
