@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from samparser_monai.data.datalists import case_id
+from samparser_monai.engines.prompt_engine import StopRule
 from samparser_monai.engines.volume_inference import VolumeSegmenter
 from samparser_monai.label._monailabel import HTTPException, InferTask, InferType
 from samparser_monai.label.config import LabelConfig
@@ -21,7 +22,12 @@ from samparser_monai.label.model import LiveModel
 from samparser_monai.label.prompts import RequestError, plan_prompts
 from samparser_monai.label.refine import refine_file
 
-__all__ = ["SamParserInferTask"]
+#: The app's propagation rule: its click boxes are loose (``click_box_mm``) and every result is clipped to the
+#: request's bounds (``PromptPlan.keep``), so it propagates with a margin and stops late, as measured in its server
+#: tests (ROI Dice 0.357, click 0.398 zero-shot); the engine's tight-box defaults suit tight key-slice boxes.
+APP_RULE = StopRule(min_iou=0.5, min_overlap=0.3, margin=0.1, pad=1.0)
+
+__all__ = ["APP_RULE", "SamParserInferTask"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +88,7 @@ class SamParserInferTask(InferTask):
         work = tempfile.mkdtemp(prefix="samparser_label_")
         try:
             segmenter = VolumeSegmenter(
-                network, work, self.settings.intensity, self.settings.axis, self.settings.batch_size
+                network, work, self.settings.intensity, self.settings.axis, self.settings.batch_size, rule=APP_RULE
             )
             outcome = segmenter.segment({"image": image, "case": case_id(image)}, plan.source, plan.boxes)
             if outcome.status != "ok":
