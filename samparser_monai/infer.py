@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from samparser_monai.data.datalists import case_id, msd_datalist
 from samparser_monai.engines.host_memory import retain_freed_host_memory
-from samparser_monai.engines.prompt_engine import StopRule
+from samparser_monai.engines.prompt_engine import add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.engines.prompts_3d import load_box_json
 from samparser_monai.engines.qa import QAWriter
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
@@ -98,25 +98,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "(clicks), boxes (each 3D box on every slice it spans)",
     )
     parser.add_argument("--boxes", help="prompt JSON for every source but label (voxel or world mm, per case)")
-    rule = StopRule()
-    parser.add_argument("--stop-area", type=float, default=rule.min_area_fraction,
-                        help=f"propagation stops below this fraction of the start slice's mask area "
-                        f"(default {rule.min_area_fraction})")  # fmt: skip
-    parser.add_argument("--stop-growth", type=float, default=rule.max_area_fraction,
-                        help="propagation stops above this multiple of the start slice's mask area (default "
-                        f"{rule.max_area_fraction}; 0: no limit)")  # fmt: skip
-    parser.add_argument("--stop-iou", type=float, default=rule.min_iou,
-                        help=f"propagation stops below this predicted IoU (default {rule.min_iou})")  # fmt: skip
-    parser.add_argument("--stop-overlap", type=float, default=rule.min_overlap,
-                        help=f"propagation stops when less than this fraction of a mask lies on the previous one "
-                        f"(default {rule.min_overlap})")  # fmt: skip
-    parser.add_argument("--margin", type=float, default=rule.margin,
-                        help="each propagated box is the previous mask's box grown by this fraction of its size "
-                        f"(default {rule.margin}) ...")  # fmt: skip
-    parser.add_argument("--pad", type=float, default=rule.pad,
-                        help=f"... plus this many pixels (default {rule.pad})")  # fmt: skip
-    parser.add_argument("--max-distance", type=int, default=rule.max_distance,
-                        help="propagation stops this many slices from the start (default 0: no limit)")  # fmt: skip
+    add_stop_rule_arguments(parser)
     parser.add_argument("--labels", help="reference label maps (folder or glob), paired by case id")
     parser.add_argument("--dicom", action="store_true", help="inputs are folders of DICOM series")
     parser.add_argument("--checkpoint", help="SAM-PARSER coefficient checkpoint (default: the base model, zero-shot)")
@@ -185,15 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         reader,
         qa_writer=qa,
-        rule=StopRule(
-            min_area_fraction=args.stop_area,
-            max_area_fraction=args.stop_growth,
-            min_iou=args.stop_iou,
-            min_overlap=args.stop_overlap,
-            max_distance=args.max_distance,
-            margin=args.margin,
-            pad=args.pad,
-        ),
+        rule=stop_rule_from_args(args),
     )
     outcomes: list[CaseOutcome] = []
     start = time.perf_counter()

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from samparser_monai.engines.evaluation import case_metrics
 from samparser_monai.engines.host_memory import retain_freed_host_memory
-from samparser_monai.engines.prompt_engine import StopRule
+from samparser_monai.engines.prompt_engine import add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.engines.simulated_prompts import PROTOCOLS, simulate
 from samparser_monai.engines.workflow import bundle_datalists
 from samparser_monai.export import merged_model
@@ -58,14 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--intensity", default="mr")
     parser.add_argument("--axis", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=8)
-    rule = StopRule()
-    parser.add_argument("--stop-area", type=float, default=rule.min_area_fraction)
-    parser.add_argument("--stop-growth", type=float, default=rule.max_area_fraction)
-    parser.add_argument("--stop-iou", type=float, default=rule.min_iou)
-    parser.add_argument("--stop-overlap", type=float, default=rule.min_overlap)
-    parser.add_argument("--max-distance", type=int, default=rule.max_distance)
-    parser.add_argument("--margin", type=float, default=rule.margin)
-    parser.add_argument("--pad", type=float, default=rule.pad)
+    add_stop_rule_arguments(parser)
     parser.add_argument("--trace", action="store_true", help="write trace.csv: what the stop rule saw per slice")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output-dir", default="benchmark_results/prompts")
@@ -77,15 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, cases = bundle_datalists(args.dataset_dir, "msd", 0.2, 0)
         cases = cases[: args.cases] if args.cases else cases
         model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint, args.device)
-        rule = StopRule(
-            min_area_fraction=args.stop_area,
-            max_area_fraction=args.stop_growth,
-            min_iou=args.stop_iou,
-            min_overlap=args.stop_overlap,
-            max_distance=args.max_distance,
-            margin=args.margin,
-            pad=args.pad,
-        )
+        rule = stop_rule_from_args(args)
         transform = volume_transforms(args.intensity, keys=("image", "label"))
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ it claims, so propagating one label never erases another label's key slice.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +32,7 @@ from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.sam import plain_tensor
 from samparser_monai.transforms.prompts import mask_to_box
 
-__all__ = ["ObjectPrompt", "PromptEngine", "PromptResult", "StopRule"]
+__all__ = ["ObjectPrompt", "PromptEngine", "PromptResult", "StopRule", "add_stop_rule_arguments", "stop_rule_from_args"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,31 @@ class StopRule:
     max_distance: int = 0
     margin: float = 0.0
     pad: float = 0.0
+
+
+#: command-line flag -> (StopRule field, type, help)
+_RULE_FLAGS = {
+    "--stop-area": ("min_area_fraction", float, "propagation stops below this fraction of the start slice's mask area"),
+    "--stop-growth": ("max_area_fraction", float, "... or above this multiple of it (0: no limit)"),
+    "--stop-iou": ("min_iou", float, "... or below this predicted IoU"),
+    "--stop-overlap": ("min_overlap", float, "... or when less than this fraction of a mask lies on the previous one"),
+    "--max-distance": ("max_distance", int, "... or this many slices from the start (0: no limit)"),
+    "--margin": ("margin", float, "each propagated box is the previous mask's box grown by this fraction of its size"),
+    "--pad": ("pad", float, "... plus this many pixels"),
+}
+
+
+def add_stop_rule_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the :class:`StopRule` settings to a command's parser as flags (``--stop-area`` ...), defaults shown."""
+    rule = StopRule()
+    for flag, (name, kind, text) in _RULE_FLAGS.items():
+        default = getattr(rule, name)
+        parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
+
+
+def stop_rule_from_args(args: argparse.Namespace) -> StopRule:
+    """The :class:`StopRule` of flags added by :func:`add_stop_rule_arguments`."""
+    return StopRule(**{name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in _RULE_FLAGS.items()})
 
 
 @dataclass
