@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from samparser_monai import __version__
+from samparser_monai.errors import unreadable_reason
 from samparser_monai.networks import (
     BACKBONES,
     SamParser,
@@ -97,10 +98,9 @@ def read_coefficient_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # junk bytes fail in many ways inside torch.load (IndexError, struct.error, ...)
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ExportError(
-            f"Coefficient checkpoint '{path}' could not be read ({reason}); it is truncated or not a PyTorch file: "
-            "pass the model.pt that training wrote."
+            f"Coefficient checkpoint '{path}' could not be read: {unreadable_reason(err)}; pass the model.pt that "
+            "training wrote."
         ) from err
     if isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT:
         return dict(obj)

@@ -10,29 +10,30 @@ skipped.
 from __future__ import annotations
 
 import argparse
-import csv
 import glob
 import json
 import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from samparser_monai.data.datalists import case_id, msd_datalist
+from samparser_monai.engines.batch import BatchRun, check_output_folder
 from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.prompt_engine import add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.engines.prompts_3d import load_box_json
 from samparser_monai.engines.qa import QAWriter
-from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
+from samparser_monai.engines.volume_inference import PROMPT_SOURCES, VolumeSegmenter
 from samparser_monai.export import merged_model
 
 __all__ = ["collect_inputs", "main"]
 
 _VOLUME_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd")
+_DICOM_FILE = (
+    "'{path}' is a file, but --dicom reads folders of DICOM series: pass the series folder (or leave --dicom out "
+    "for NIfTI, NRRD or MHA files)"
+)
 
 
 def collect_inputs(inputs: list[str], labels: str | None = None, dicom: bool = False) -> list[dict]:
@@ -49,6 +50,8 @@ def collect_inputs(inputs: list[str], labels: str | None = None, dicom: bool = F
                 items += msd_datalist(path.parent)
             else:
                 items += [dict(d) for d in json.loads(path.read_text())]
+        elif dicom and path.is_file():
+            items.append({"image": entry, "case": case_id(entry), "error": _DICOM_FILE.format(path=entry)})
         elif dicom and path.is_dir():
             series = sorted({p.parent for p in path.rglob("*") if p.is_file() and p.suffix.lower() in ("", ".dcm")})
             items += [{"image": str(s), "case": s.name} for s in series]
@@ -70,25 +73,16 @@ def collect_inputs(inputs: list[str], labels: str | None = None, dicom: bool = F
     return items
 
 
-def _writable(folder: str, inputs: list[dict]) -> None:
-    """Fail before any work if the output folder cannot be written or would overwrite an input."""
-    try:
-        os.makedirs(folder, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as err:
-        raise SystemExit(f"error: output folder '{folder}' is not writable ({err.strerror}).") from err
-    sources = {os.path.abspath(str(item[k])) for item in inputs for k in ("image", "label") if item.get(k)}
-    for item in inputs:
-        target = os.path.abspath(os.path.join(folder, f"{case_id(item['image'])}_seg.nii.gz"))
-        if target in sources:
-            raise SystemExit(f"error: writing '{target}' would overwrite an input; choose another --output-dir.")
-
-
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="samparser-infer", description=__doc__.split("\n\n")[1])
     parser.add_argument("inputs", nargs="+", help="NIfTI files, folders, globs, a dataset.json, or DICOM folders")
     parser.add_argument("--output-dir", required=True, help="where label maps and CSV files go")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --output-dir (without it, a folder holding any file this run "
+        "would write is refused before any work)",
+    )
     parser.add_argument(
         "--prompt",
         choices=PROMPT_SOURCES,
@@ -119,14 +113,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
-    if rows:
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run batch inference; returns 0 when every case was segmented, 1 when any was skipped or the run failed."""
     args = _parse(argv)
@@ -135,18 +121,12 @@ def main(argv: list[str] | None = None) -> int:
     if not items:
         print("error: no input volume found.", file=sys.stderr)
         return 1
-    _writable(args.output_dir, items)
-    boxes = {}
-    if args.prompt != "label":
-        if not args.boxes:
-            print(f"error: --prompt {args.prompt} needs --boxes <file.json>.", file=sys.stderr)
-            return 1
-        try:
-            boxes = load_box_json(args.boxes)
-        except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-    try:
+    if args.prompt != "label" and not args.boxes:
+        print(f"error: --prompt {args.prompt} needs --boxes <file.json>.", file=sys.stderr)
+        return 1
+    try:  # every check that can fail before the first case runs here, and nothing is written until they pass
+        check_output_folder(args.output_dir, items, args.overwrite)
+        boxes = load_box_json(args.boxes) if args.prompt != "label" else {}
         model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint or None, args.device)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -169,38 +149,17 @@ def main(argv: list[str] | None = None) -> int:
         qa_writer=qa,
         rule=stop_rule_from_args(args),
     )
-    outcomes: list[CaseOutcome] = []
-    start = time.perf_counter()
-    for item in tqdm(items, desc="segmenting", unit="case"):
-        outcomes.append(segmenter.segment(item, args.prompt, boxes.get(str(item["case"]))))
-    elapsed = time.perf_counter() - start
-    summary = [
-        {"case": o.case, "status": o.status, "reason": o.reason, "image": o.image, "output": o.output,
-         "slices": o.slices, "seconds": round(o.seconds, 2)}
-        for o in outcomes
-    ]  # fmt: skip
-    unmatched = sorted(set(boxes) - {str(item["case"]) for item in items})
-    if unmatched:
-        print(f"warning: {len(unmatched)} case id(s) in '{args.boxes}' match no input: {', '.join(unmatched)}.",
-              file=sys.stderr)  # fmt: skip
-    summary += [
-        {"case": case, "status": "unmatched prompt", "reason": f"'{args.boxes}' has prompts for it, but no input has "
-         "this case id", "image": "", "output": "", "slices": 0, "seconds": 0.0}
-        for case in unmatched
-    ]  # fmt: skip
-    _write_csv(os.path.join(args.output_dir, "summary.csv"), summary)
-    metrics = [
-        {"case": o.case, **row, "prompt": args.prompt, "jitter": args.jitter} for o in outcomes for row in o.metrics
-    ]
-    _write_csv(os.path.join(args.output_dir, "metrics.csv"), metrics)
-    done = [o for o in outcomes if o.status == "ok"]
-    skipped = [o for o in outcomes if o.status != "ok"]
-    slices = sum(o.slices for o in done)
-    print(f"segmented {len(done)} of {len(outcomes)} cases, {slices} slices in {elapsed:.1f} s "
-          f"({slices / max(elapsed, 1e-9):.2f} slices/s) -> {os.path.abspath(args.output_dir)}")  # fmt: skip
-    for o in skipped:
-        print(f"skipped {o.case}: {o.reason}")
-    return 1 if skipped else 0
+    batch = BatchRun(
+        segmenter,
+        args.prompt,
+        boxes,
+        prompt_file=args.boxes or "",
+        overwrite=args.overwrite,
+        extra_metrics={"prompt": args.prompt, "jitter": args.jitter},
+    )
+    batch.check(items)
+    batch.run(items)
+    return batch.finish()
 
 
 if __name__ == "__main__":

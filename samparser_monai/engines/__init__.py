@@ -1,12 +1,14 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
 """Engines: slice-wise 3D inference with box prompts, metrics, checkpoint objects and bundle helpers."""
 
-from samparser_monai.engines.checkpoint import TrainableState
+from samparser_monai.engines.batch import BatchEvaluator, BatchRun
+from samparser_monai.engines.checkpoint import TrainableState, require_checkpoint
 from samparser_monai.engines.coefficient_report import CoefficientMovementReport
 from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
 from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.metrics import SliceDiceMetric
 from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, PromptResult, StopRule
+from samparser_monai.engines.prompts_3d import load_box_json
 from samparser_monai.engines.simulated_prompts import PROTOCOLS, SimulatedPromptInferer, simulate
 from samparser_monai.engines.slice_inference import (
     LabelBoxSliceInferer,
@@ -14,16 +16,30 @@ from samparser_monai.engines.slice_inference import (
     label_box_prompts,
     predict_volume,
 )
+from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
 from samparser_monai.engines.workflow import (
     DATASET_FORMATS,
+    INFERENCE_SPLITS,
     RunReport,
     TimingReport,
     bundle_datalists,
+    dataset_items,
     dataset_label_names,
+    inference_datalist,
     latest_checkpoint,
 )
 
 __all__ = [
+    "BatchEvaluator",
+    "BatchRun",
+    "CaseOutcome",
+    "INFERENCE_SPLITS",
+    "PROMPT_SOURCES",
+    "VolumeSegmenter",
+    "dataset_items",
+    "inference_datalist",
+    "load_box_json",
+    "require_checkpoint",
     "CaseMetricsWriter",
     "CoefficientMovementReport",
     "DATASET_FORMATS",

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import nn
 from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.state import coefficient_state, load_coefficient_state
 
-__all__ = ["TrainableState"]
+__all__ = ["TrainableState", "require_checkpoint"]
 
 
 class TrainableState:
@@ -40,3 +41,17 @@ class TrainableState:
     def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Load a coefficient state onto the network (``strict`` is accepted for ignite and ignored)."""
         load_coefficient_state(self.model, state)
+
+
+def require_checkpoint(path: str | os.PathLike) -> str:
+    """``path`` if it is a file; otherwise one sentence saying how to get one (for configs that load a checkpoint).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist or is not a file.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"Checkpoint '{path}' does not exist; train first (bundle/configs/train.json writes models/model.pt) or "
+            "pass --ckpt_path <file>."
+        )
+    return os.fspath(path)

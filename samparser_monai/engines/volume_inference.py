@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ from samparser_monai.engines.prompt_engine import PromptEngine, StopRule
 from samparser_monai.engines.prompts_3d import OBJECT_SOURCES, json_box_prompts, json_object_prompts
 from samparser_monai.engines.slice_inference import SlicePrompts, label_box_prompts, predict_volume
 from samparser_monai.errors import root_message
+from samparser_monai.transforms.checks import NONFINITE_KEY
 from samparser_monai.transforms.pipelines import volume_transforms
 
 __all__ = ["PROMPT_SOURCES", "CaseOutcome", "VolumeSegmenter"]
@@ -44,6 +46,7 @@ class CaseOutcome:
     image: str
     status: str = "ok"
     reason: str = ""
+    warning: str = ""
     output: str = ""
     slices: int = 0
     seconds: float = 0.0
@@ -64,6 +67,10 @@ class VolumeSegmenter:
         tolerance_mm: surface Dice tolerance of the metrics.
         qa_writer: optional callable ``(case, image, reference, prediction, prompts)`` that writes QA pictures.
         rule: stop rule of the prompt engine's propagation (``roi``, ``key``, ``points``).
+        label_format: ``"image"`` (label map files) or ``"dicom_seg"`` (DICOM-SEG objects), for the references.
+
+    A label map is written under a temporary name in ``output_dir`` and renamed into place once complete, so a run
+    cut off mid-write never leaves a partial file under a result's name.
     """
 
     def __init__(
@@ -79,12 +86,15 @@ class VolumeSegmenter:
         tolerance_mm: float = 1.0,
         qa_writer: Callable | None = None,
         rule: StopRule | None = None,
+        label_format: str = "image",
     ) -> None:
         self.network, self.output_dir, self.axis, self.batch_size = network, output_dir, axis, batch_size
         self.jitter, self.seed, self.tolerance_mm, self.qa_writer = jitter, seed, tolerance_mm, qa_writer
         self.engine = PromptEngine(network, axis, batch_size, rule)
         self.last_result = None  # the engine's PromptResult of the last case it segmented
-        self.with_label = volume_transforms(intensity, reader=reader, keys=("image", "label"))
+        self.with_label = volume_transforms(
+            intensity, reader=reader, keys=("image", "label"), label_format=label_format
+        )
         self.image_only = volume_transforms(intensity, reader=reader, keys=("image",))
         self.saver = SaveImage(
             output_dir=output_dir,
@@ -121,11 +131,17 @@ class VolumeSegmenter:
         outcome = CaseOutcome(case=case, image=str(item["image"]))
         start = time.perf_counter()
         try:
+            if item.get("error"):  # found unusable when the inputs were collected
+                raise ValueError(item["error"])
             has_label = bool(item.get("label"))
             if source == "label" and not has_label:
                 raise ValueError("no reference label map to derive boxes from")
             transform = self.with_label if has_label else self.image_only
             data = transform({"image": item["image"], **({"label": item["label"]} if has_label else {})})
+            replaced = int(data["image"].meta.get(NONFINITE_KEY, 0))
+            if replaced:
+                outcome.warning = f"{replaced} NaN or infinite voxels were replaced by the image's finite range"
+                logger.warning("case %s: %s.", case, outcome.warning)
             prompts = self.prompts(source, data, boxes)
             if isinstance(prompts, torch.Tensor):
                 prediction = prompts
@@ -143,7 +159,7 @@ class VolumeSegmenter:
                 outcome.metrics = self._metrics(prediction, data["label"][0].long(), data["image"].affine)
             if self.qa_writer is not None:
                 self.qa_writer(case, data["image"], data.get("label"), prediction, prompts)
-            outcome.output = self._save(data, prediction)
+            outcome.output = self._save(data, prediction, case_id(str(item["image"])))
         except Exception as err:  # a bad case is reported and skipped; the batch goes on
             outcome.status, outcome.reason = "skipped", root_message(err)
             logger.warning("case %s skipped: %s", case, outcome.reason)
@@ -157,7 +173,7 @@ class VolumeSegmenter:
         rows = case_metrics(one_hot[0], one_hot[1], spacing, self.tolerance_mm)
         return [{"label": c, **row} for c, row in enumerate(rows, start=1) if bool((reference == c).any())]
 
-    def _save(self, data: Mapping, prediction: torch.Tensor) -> str:
+    def _save(self, data: Mapping, prediction: torch.Tensor, name: str) -> str:
         image = data["image"]
         pred = MetaTensor(prediction[None].to(torch.int16), affine=image.affine, meta=dict(image.meta))
         pred.applied_operations = list(image.applied_operations)
@@ -165,6 +181,13 @@ class VolumeSegmenter:
         inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(
             {"image": image, "pred": pred}
         )["pred"]
-        self.saver(inverted)
-        name = case_id(str(image.meta.get("filename_or_obj", "case")))
-        return os.path.join(self.output_dir, f"{name}_seg.nii.gz")
+        os.makedirs(self.output_dir, exist_ok=True)
+        target = os.path.join(self.output_dir, f"{name}_seg.nii.gz")
+        partial = os.path.join(self.output_dir, f".partial-{uuid.uuid4().hex[:8]}-{name}_seg")
+        try:
+            self.saver(inverted, filename=partial)  # SaveImage appends the extension
+            os.replace(partial + ".nii.gz", target)
+        finally:
+            if os.path.exists(partial + ".nii.gz"):
+                os.remove(partial + ".nii.gz")
+        return target

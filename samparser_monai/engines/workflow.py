@@ -22,7 +22,10 @@ __all__ = [
     "DATASET_FORMATS",
     "RunReport",
     "TimingReport",
+    "INFERENCE_SPLITS",
     "bundle_datalists",
+    "dataset_items",
+    "inference_datalist",
     "dataset_label_names",
     "latest_checkpoint",
 ]
@@ -55,6 +58,51 @@ def bundle_datalists(
         ValueError: unknown format, or a split that leaves the training or validation side empty.
         FileNotFoundError: ``dataset_dir`` does not exist (one sentence naming it).
     """
+    items = dataset_items(dataset_dir, dataset_format, demo_dir)
+    train, val = split_by_case(items, val_fraction=val_fraction, seed=seed)
+    if not train or not val:
+        raise ValueError(
+            f"{len(items)} items in '{dataset_dir}' give {len(train)} training and {len(val)} validation items: "
+            "a run needs at least two cases."
+        )
+    return train, val
+
+
+#: ``inference_split`` values of the bundle's inference config
+INFERENCE_SPLITS = ("all", "training", "validation")
+
+
+def inference_datalist(
+    dataset_dir: str | os.PathLike,
+    dataset_format: str = "msd",
+    split: str = "all",
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    demo_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """The items a batch inference run segments: every case of ``dataset_dir`` (``split="all"``), or one side of
+    the training split (``"training"``, ``"validation"``: the same cases as :func:`bundle_datalists` gives).
+
+    Raises:
+        ValueError: unknown split or format.
+    """
+    if split not in INFERENCE_SPLITS:
+        raise ValueError(f"Unknown inference_split {split!r}; use one of {list(INFERENCE_SPLITS)}.")
+    if split == "all":
+        return dataset_items(dataset_dir, dataset_format, demo_dir)
+    train, val = bundle_datalists(dataset_dir, dataset_format, val_fraction, seed, demo_dir)
+    return train if split == "training" else val
+
+
+def dataset_items(
+    dataset_dir: str | os.PathLike, dataset_format: str = "msd", demo_dir: str | os.PathLike | None = None
+) -> list[dict]:
+    """Every item of ``dataset_dir`` in ``dataset_format`` (see :func:`bundle_datalists`), unsplit.
+
+    Raises:
+        ValueError: unknown format.
+        FileNotFoundError: ``dataset_dir`` does not exist (one sentence naming it).
+    """
     if dataset_format not in DATASET_FORMATS:
         raise ValueError(f"Unknown dataset_format {dataset_format!r}; use one of {list(DATASET_FORMATS)}.")
     if str(dataset_dir) == DEMO_DATASET:
@@ -75,13 +123,7 @@ def bundle_datalists(
             items = image_folder_datalist(root / "images", root / "masks")
         else:
             items = dicom_datalist(root)
-    train, val = split_by_case(items, val_fraction=val_fraction, seed=seed)
-    if not train or not val:
-        raise ValueError(
-            f"{len(items)} items in '{dataset_dir}' give {len(train)} training and {len(val)} validation items: "
-            "a run needs at least two cases."
-        )
-    return train, val
+    return items
 
 
 def dataset_label_names(dataset_dir: str | os.PathLike, demo_dir: str | os.PathLike | None = None) -> dict[int, str]:

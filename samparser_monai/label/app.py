@@ -12,6 +12,7 @@ from samparser_monai import __version__
 from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.label._monailabel import HTTPException, MONAILabelApp
 from samparser_monai.label.config import LabelConfig
+from samparser_monai.label.http_errors import install_request_error_handlers
 from samparser_monai.label.infer import SamParserInferTask
 from samparser_monai.label.model import LiveModel
 from samparser_monai.label.train import SamParserTrainTask
@@ -39,6 +40,7 @@ class SamParserLabelApp(MONAILabelApp):
         retain_freed_host_memory(self.settings.retain_host_memory)
         self.work_dir = Path(app_dir) / "model" / MODEL_NAME
         self.model = LiveModel(self.settings, self.serving_checkpoint)
+        install_request_error_handlers()
         super().__init__(
             app_dir=app_dir,
             studies=studies,

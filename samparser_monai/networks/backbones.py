@@ -20,6 +20,8 @@ from functools import cache, partial
 import torch
 from torch import nn
 
+from samparser_monai.errors import unreadable_reason
+
 __all__ = [
     "BACKBONES",
     "Backbone",
@@ -159,10 +161,9 @@ def load_state_dict_file(path: str | os.PathLike, backbone: str = "vit_b") -> di
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(
-            f"Checkpoint file '{path}' could not be read as a PyTorch checkpoint ({reason[:160]}); "
-            "it is truncated, corrupt or not a weights file: download or copy it again."
+            f"Checkpoint file '{path}' could not be read as a PyTorch checkpoint: {unreadable_reason(err)}; "
+            "download or copy it again."
         ) from err
     if isinstance(obj, Mapping):
         for key in ("model", "state_dict"):

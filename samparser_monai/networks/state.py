@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from samparser_monai.errors import unreadable_reason
 from samparser_monai.networks.svd import coefficient_movement, svd_layers
 
 __all__ = ["STATE_FORMAT", "coefficient_state", "load_coefficient_state", "save_coefficient_state", "trainable_keys"]
@@ -85,7 +86,10 @@ def load_coefficient_state(model: nn.Module, state: Mapping[str, Any] | str | os
     source = "This coefficient state"
     if isinstance(state, (str, os.PathLike)):
         source = f"'{os.fspath(state)}'"
-        state = torch.load(os.fspath(state), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(os.fspath(state), map_location="cpu", weights_only=True)
+        except Exception as err:  # junk bytes fail in many ways inside torch.load (IndexError, struct.error, ...)
+            raise ValueError(f"{source} could not be read: {unreadable_reason(err)}.") from err
     if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{source} is not a SAM-PARSER coefficient checkpoint (no '{STATE_FORMAT}' format tag).")
     if state["backbone"] != model.backbone or state["base_sha256"] != model.base_sha256:

@@ -1,7 +1,7 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
 """Transforms: intensity presets to [0, 1], box prompts from label maps, and SAM's resize-longest-side + pad."""
 
-from samparser_monai.transforms.checks import CheckVolumePaird
+from samparser_monai.transforms.checks import CheckVolumePaird, ReplaceNonFinited
 from samparser_monai.transforms.intensity import (
     CT_WINDOWS,
     INTENSITY_PRESETS,
@@ -29,6 +29,7 @@ __all__ = [
     "BoxPromptd",
     "CTWindowd",
     "CheckVolumePaird",
+    "ReplaceNonFinited",
     "GreyToRGBd",
     "IntensityPresetd",
     "PercentileNormalized",

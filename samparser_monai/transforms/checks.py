@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping
 
 import numpy as np
@@ -10,7 +11,12 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import MapTransform
 
-__all__ = ["CheckVolumePaird", "source_name"]
+__all__ = ["NONFINITE_KEY", "CheckVolumePaird", "ReplaceNonFinited", "source_name"]
+
+logger = logging.getLogger(__name__)
+
+#: meta-data key where :class:`ReplaceNonFinited` records how many voxels it replaced
+NONFINITE_KEY = "nonfinite_voxels"
 
 
 def source_name(img: object, fallback: str) -> str:
@@ -84,4 +90,43 @@ class CheckVolumePaird(MapTransform):
                     f"The {names} differ in affine (largest difference {difference:.4g}); "
                     "they must be on the same voxel grid: resample the label onto the image first."
                 )
+        return d
+
+
+class ReplaceNonFinited(MapTransform):
+    """Replace NaN and infinite voxels with finite values, and say so: a warning naming the file and the count.
+
+    NaN and -inf become the smallest finite value of the image, +inf the largest, so that intensity scaling and the
+    model see a finite volume (one NaN would otherwise turn a whole normalised slice into NaN). The count is kept in
+    the image's meta data under :data:`NONFINITE_KEY`, so that a batch job can report it per case. Place it right
+    after loading.
+
+    Raises:
+        ValueError: the image has no finite voxel at all (the message names the file).
+    """
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            if not isinstance(img, torch.Tensor) or not img.is_floating_point():
+                continue
+            bad = ~torch.isfinite(img)
+            count = int(bad.sum())
+            if count:
+                finite = img[~bad]
+                if finite.numel() == 0:
+                    raise ValueError(f"'{source_name(img, str(key))}' has no finite voxel (all NaN or infinite).")
+                low, high = finite.min(), finite.max()
+                img = img.clone()
+                img[torch.isnan(img) | (img == -torch.inf)] = low
+                img[img == torch.inf] = high
+                logger.warning(
+                    "'%s' has %d NaN or infinite voxels; they were replaced by the image's finite range.",
+                    source_name(img, str(key)),
+                    count,
+                )
+            if isinstance(img, MetaTensor):
+                img.meta[NONFINITE_KEY] = count
+            d[key] = img
         return d

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from monai.data import ImageReader
 from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, ScaleIntensityRanged
 
-from samparser_monai.transforms.checks import CheckVolumePaird
+from samparser_monai.transforms.checks import CheckVolumePaird, ReplaceNonFinited
 from samparser_monai.transforms.intensity import IntensityPresetd
 from samparser_monai.transforms.prompts import BoxPromptd
 from samparser_monai.transforms.spatial import ResizeLongestPadd
@@ -48,6 +48,7 @@ def volume_transforms(
     return Compose(
         [
             *loading,
+            ReplaceNonFinited(keys=keys[0]),
             CheckVolumePaird(keys[0], keys[1] if len(keys) > 1 else "label", allow_missing_keys=len(keys) == 1),
             Orientationd(keys=keys, axcodes=axcodes, labels=None),
             IntensityPresetd(keys=keys[0], preset=intensity),

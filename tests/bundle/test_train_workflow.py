@@ -162,16 +162,24 @@ def test_inference_bundle_writes_label_maps_in_the_input_geometry(tmp_path):
     override = {
         k: v for k, v in tiny_overrides(tmp_path, data).items() if k in ("bundle_root", "dataset_dir", "backbone")
     }
-    workflow = _workflow(["inference.json"], run_id="run", workflow_type="infer", val_fraction=0.34, **override)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-    written = sorted((tmp_path / "bundle" / "eval" / "predictions").glob("*_seg.nii.gz"))
-    assert len(written) == 1
-    source = nib.load(data / "imagesTr" / written[0].name.replace("_seg", ""))
-    output = nib.load(written[0])
-    assert output.shape == source.shape and np.allclose(output.affine, affine, atol=1e-5)
-    assert set(np.unique(output.get_fdata())) <= {0.0, 1.0, 2.0}
+    predictions = tmp_path / "bundle" / "eval" / "predictions"
+    for split, cases in (("validation", 1), ("all", 3)):  # every case of dataset_dir by default
+        workflow = _workflow(
+            ["inference.json"], run_id="run", workflow_type="infer", val_fraction=0.34, inference_split=split,
+            overwrite=True, **override,
+        )  # fmt: skip
+        workflow.initialize()
+        workflow.run()
+        workflow.finalize()
+        summary = list(csv.DictReader((predictions / "summary.csv").read_text().splitlines()))
+        assert len(summary) == cases and {row["status"] for row in summary} == {"ok"}, split
+    written = sorted(predictions.glob("*_seg.nii.gz"))
+    assert len(written) == 3 and not list(predictions.glob(".partial*")), "no temporary file left behind"
+    for path in written:
+        source = nib.load(data / "imagesTr" / path.name.replace("_seg", ""))
+        output = nib.load(path)
+        assert output.shape == source.shape and np.allclose(output.affine, affine, atol=1e-5)
+        assert set(np.unique(output.get_fdata())) <= {0.0, 1.0, 2.0}
 
 
 def test_amp_dtype_reaches_the_trainer_and_the_evaluator(tmp_path, small_dataset):

@@ -186,6 +186,11 @@ def test_bad_requests_get_one_sentence_and_the_server_goes_on(lite_server, tmp_p
     for params, status, sentence in bad:
         response = _infer(lite_server, case, params)
         assert response.status_code == status and sentence in response.json()["detail"], response.text
+    malformed = requests.post(
+        f"{lite_server}/infer/{MODEL}", params={"image": case}, data={"params": "{roi: [1, 2"}, timeout=60
+    )
+    assert malformed.status_code == 400, malformed.text
+    assert malformed.json()["detail"].startswith("The request's params are not valid JSON")
     unknown = _infer(lite_server, "no_such_case", {"roi": [1, 9, 1, 9, 1, 3]})
     assert unknown.status_code == 404 and "is not in the studies" in unknown.json()["detail"]
 

@@ -180,4 +180,4 @@ def test_prompt_files_are_checked_against_each_image_and_unmatched_ids_reported(
     assert "voxel extent is [0, 0, 0] to" in summary["outside"]["reason"]
     assert summary["none"]["reason"] == "the prompt file has no prompt for it"
     assert summary["typo_case"]["status"] == "unmatched prompt"
-    assert "warning: 1 case id(s) in" in result.stderr and "match no input: typo_case." in result.stderr
+    assert "warning: 1 case id in" in result.stderr and "matches no input: typo_case." in result.stderr
