@@ -253,6 +253,17 @@ def test_bundle_inference_skips_a_missing_case_and_exits_non_zero_at_the_end(dat
     assert (out / "a_seg.nii.gz").is_file() and (out / "b_seg.nii.gz").is_file()
 
 
+def test_bundle_inference_with_a_prompt_file_lists_case_ids_that_match_no_input(data, tmp_path):
+    dataset = _msd(data, ["a", "b"])
+    entry = [{"label": 1, "box": [8, 4, 3, 14, 10, 8], "space": "voxel"}]
+    (tmp_path / "rois.json").write_text(json.dumps({"a": entry, "typo": entry}))
+    workflow = _bundle_inference(tmp_path, dataset, prompt="roi", prompt_file=str(tmp_path / "rois.json"))
+    with pytest.raises(SystemExit, match=r"1 case of 2 skipped \(the first: b, the prompt file has no prompt for it\)"):
+        workflow.run()
+    summary = _summary(tmp_path / "bundle" / "eval" / "predictions")
+    assert summary["a"]["status"] == "ok" and summary["typo"]["status"] == "unmatched prompt"
+
+
 def test_bundle_inference_refuses_a_used_output_folder_unless_overwrite(data, tmp_path):
     dataset = _msd(data, ["a", "b"])
     _bundle_inference(tmp_path, dataset).run()
