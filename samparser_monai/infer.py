@@ -26,6 +26,7 @@ from samparser_monai.engines.prompts_3d import load_box_json
 from samparser_monai.engines.qa import QAWriter
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, VolumeSegmenter
 from samparser_monai.export import merged_model
+from samparser_monai.networks.runtime import RUNTIMES, runtime_cache_dir, use_runtime
 
 __all__ = ["collect_inputs", "main"]
 
@@ -107,6 +108,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the jitter")
     parser.add_argument("--qa", type=int, default=0, help="QA pictures per case (default 0)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    parser.add_argument(
+        "--runtime",
+        choices=RUNTIMES,
+        default="torch",
+        help="image encoder runtime (default torch); onnxruntime: about twice as fast on a CPU, exported once per "
+        "checkpoint next to it (needs the cpu extra)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (default 0: every core)")
     parser.add_argument("--release-host-memory", action="store_true",
                         help="return freed host memory to the system between batches (lower peak host memory; a "
                         "CPU forward about half as fast)")  # fmt: skip
@@ -128,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         check_output_folder(args.output_dir, items, args.overwrite)
         boxes = load_box_json(args.boxes) if args.prompt != "label" else {}
         model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint or None, args.device)
-    except (ValueError, FileNotFoundError) as err:
+        use_runtime(model, args.runtime, args.threads, runtime_cache_dir(args.checkpoint))
+    except (ValueError, FileNotFoundError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     reader = None

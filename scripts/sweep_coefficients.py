@@ -106,10 +106,12 @@ def one_run(run: dict, args: argparse.Namespace, caches: dict[str, TrunkFeatureC
     start = time.perf_counter()
     checkpoint, movement = None, {}
     if method != ZERO_SHOT:
-        for stale in root.glob("models/*.pt"):
-            stale.unlink()
-        run_bundle(files, overrides, "training", caches, cache_bytes)
-        checkpoint = latest_checkpoint(root / "models")
+        checkpoint = latest_checkpoint(root / "models") if args.reuse_checkpoints else None
+        if checkpoint is None:
+            for stale in root.glob("models/*.pt"):
+                stale.unlink()
+            run_bundle(files, overrides, "training", caches, cache_bytes)
+            checkpoint = latest_checkpoint(root / "models")
         if checkpoint is None:
             raise RuntimeError(f"Training {name} saved no checkpoint in {root / 'models'}.")
         movement = torch.load(checkpoint, map_location="cpu", weights_only=True)["model"].get(
@@ -238,6 +240,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cache-gb", type=float, default=8.0, help="shared trunk feature cache budget")
     parser.add_argument("--output-dir", default="benchmark_results/sweep")
     parser.add_argument("--resume", action="store_true", help="skip the runs already in sweep.csv")
+    parser.add_argument("--reuse-checkpoints", action="store_true",
+                        help="score a run's existing checkpoint instead of training it again (a run whose evaluation "
+                        "was cut off)")  # fmt: skip
     parser.add_argument("--plot-only", action="store_true", help="only write sweep.md and sweep.png from sweep.csv")
     args = parser.parse_args(argv)
     out = Path(args.output_dir)

@@ -4,6 +4,7 @@
 from samparser_monai.engines.batch import BatchEvaluator, BatchRun
 from samparser_monai.engines.checkpoint import TrainableState, require_checkpoint
 from samparser_monai.engines.coefficient_report import CoefficientMovementReport
+from samparser_monai.engines.embedding_cache import EmbeddingCache
 from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
 from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.metrics import SliceDiceMetric
@@ -33,6 +34,7 @@ __all__ = [
     "BatchEvaluator",
     "BatchRun",
     "CaseOutcome",
+    "EmbeddingCache",
     "INFERENCE_SPLITS",
     "PROMPT_SOURCES",
     "VolumeSegmenter",

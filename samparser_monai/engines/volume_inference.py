@@ -106,9 +106,15 @@ class VolumeSegmenter:
             print_log=False,
         )
 
-    def prompts(self, source: str, data: Mapping, boxes: Sequence[Mapping] | None) -> SlicePrompts | torch.Tensor:
+    def prompts(
+        self,
+        source: str,
+        data: Mapping,
+        boxes: Sequence[Mapping] | None,
+        embeddings: dict[int, torch.Tensor] | None = None,
+    ) -> SlicePrompts | torch.Tensor:
         """Prompts of one loaded case; for the engine's sources the predicted label map itself (prompting is
-        sequential there)."""
+        sequential there), reusing and filling ``embeddings`` (slice index -> embedding of this image)."""
         image = data["image"]
         if source == "label":
             return label_box_prompts(data["label"][0], self.axis, jitter=self.jitter, seed=self.seed)
@@ -122,11 +128,22 @@ class VolumeSegmenter:
         if source not in OBJECT_SOURCES:
             raise ValueError(f"Unknown prompt source {source!r}; use one of {list(PROMPT_SOURCES)}.")
         objects = json_object_prompts(boxes, source, original, oriented, image.shape[1:], self.axis)
-        self.last_result = self.engine.segment(image, objects)
+        self.last_result = self.engine.segment(image, objects, embeddings)
         return self.last_result.labels
 
-    def segment(self, item: Mapping, source: str = "label", boxes: Sequence[Mapping] | None = None) -> CaseOutcome:
-        """Segment one datalist item (``image``, optional ``label`` and ``case``); never raises for a bad case."""
+    def segment(
+        self,
+        item: Mapping,
+        source: str = "label",
+        boxes: Sequence[Mapping] | None = None,
+        embeddings: dict[int, torch.Tensor] | None = None,
+    ) -> CaseOutcome:
+        """Segment one datalist item (``image``, optional ``label`` and ``case``); never raises for a bad case.
+
+        ``embeddings`` (the engine's sources): slice embeddings of this image kept by the caller between calls, e.g.
+        from an :class:`~samparser_monai.engines.embedding_cache.EmbeddingCache`; slices found there are not
+        encoded again.
+        """
         case = str(item.get("case") or case_id(item["image"]))
         outcome = CaseOutcome(case=case, image=str(item["image"]))
         start = time.perf_counter()
@@ -142,7 +159,7 @@ class VolumeSegmenter:
             if replaced:
                 outcome.warning = f"{replaced} NaN or infinite voxels were replaced by the image's finite range"
                 logger.warning("case %s: %s.", case, outcome.warning)
-            prompts = self.prompts(source, data, boxes)
+            prompts = self.prompts(source, data, boxes, embeddings)
             if isinstance(prompts, torch.Tensor):
                 prediction = prompts
                 outcome.slices = int(prediction.any(dim=[d for d in range(3) if d != self.axis]).sum())

@@ -14,12 +14,16 @@ import torch
 
 from samparser_monai.export import read_coefficient_checkpoint
 from samparser_monai.networks.backbones import BACKBONES
+from samparser_monai.networks.runtime import RUNTIMES
 from samparser_monai.transforms.intensity import INTENSITY_PRESETS
 
 __all__ = ["CONF_KEYS", "DEFAULT_CLICK_BOX_MM", "LabelConfig", "default_repo_root"]
 
 #: Side of the box grown around foreground clicks, in millimetres (see docs/monailabel.md for how it was chosen).
 DEFAULT_CLICK_BOX_MM = 16.0
+
+#: Memory for the slice embeddings the app keeps between requests (MB): about 30 LiteMedSAM volumes of 35 slices.
+DEFAULT_EMBEDDING_CACHE_MB = 4096.0
 
 #: ``--conf`` keys of the app and what each one sets.
 CONF_KEYS = {
@@ -36,6 +40,10 @@ CONF_KEYS = {
     "click_box_mm": f"side of the box grown around clicks, in mm (default {DEFAULT_CLICK_BOX_MM:g})",
     "retain_host_memory": "true (default): keep freed host memory for the next request (a CPU forward about 2x "
     "faster, the peak host memory kept); false: return it to the system",
+    "runtime": "image encoder runtime: torch (default) or onnxruntime (about twice as fast on a CPU; the cpu extra)",
+    "threads": "intra-op CPU threads of inference (default 0: every core)",
+    "embedding_cache_mb": f"memory for slice embeddings kept between requests on an image (default "
+    f"{DEFAULT_EMBEDDING_CACHE_MB:g}; 0: none): a second prompt on the same image then runs only the decoder",
 }
 
 _BOOLEANS = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
@@ -64,6 +72,9 @@ class LabelConfig:
         click_box_mm: side of the box grown around clicks, in millimetres.
         retain_host_memory: keep host memory freed between requests and training steps in the process
             (:func:`~samparser_monai.engines.retain_freed_host_memory`).
+        runtime: image encoder runtime (:data:`~samparser_monai.networks.runtime.RUNTIMES`).
+        threads: intra-op CPU threads (0: every core).
+        embedding_cache_mb: memory bound of the slice embeddings kept between requests.
     """
 
     backbone: str = "lite_medsam"
@@ -78,6 +89,9 @@ class LabelConfig:
     batch_size: int = 8
     click_box_mm: float = DEFAULT_CLICK_BOX_MM
     retain_host_memory: bool = True
+    runtime: str = "torch"
+    threads: int = 0
+    embedding_cache_mb: float = DEFAULT_EMBEDDING_CACHE_MB
 
     @classmethod
     def from_conf(cls, conf: Mapping[str, Any]) -> LabelConfig:
@@ -102,7 +116,10 @@ class LabelConfig:
                 raise FileNotFoundError(f"--conf {key} '{values[key]}' does not exist; pass an existing file.")
         if "coefficients" in values:
             read_coefficient_checkpoint(values["coefficients"])  # one sentence now, not at the first request
-        numbers = {"axis": int, "batch_size": int, "click_box_mm": float}
+        runtime = values.get("runtime", cls.runtime)
+        if runtime not in RUNTIMES:
+            raise ValueError(f"Unknown runtime {runtime!r} in --conf runtime; use one of {list(RUNTIMES)}.")
+        numbers = {"axis": int, "batch_size": int, "click_box_mm": float, "threads": int, "embedding_cache_mb": float}
         for key, kind in numbers.items():
             if key in values:
                 try:

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from samparser_monai.data.datalists import case_id
+from samparser_monai.engines.embedding_cache import EmbeddingCache
 from samparser_monai.engines.prompt_engine import StopRule
 from samparser_monai.engines.volume_inference import VolumeSegmenter
 from samparser_monai.label._monailabel import HTTPException, InferTask, InferType
@@ -54,6 +55,7 @@ class SamParserInferTask(InferTask):
             config={"click_box_mm": config.click_box_mm},
         )
         self.model, self.settings = model, config
+        self.embeddings = EmbeddingCache(config.embedding_cache_mb)
 
     def is_valid(self) -> bool:
         """Always servable: the stock base model needs no trained checkpoint."""
@@ -90,7 +92,21 @@ class SamParserInferTask(InferTask):
             segmenter = VolumeSegmenter(
                 network, work, self.settings.intensity, self.settings.axis, self.settings.batch_size, rule=APP_RULE
             )
-            outcome = segmenter.segment({"image": image, "case": case_id(image)}, plan.source, plan.boxes)
+            stat = os.stat(image)
+            key = (
+                image,
+                stat.st_mtime_ns,
+                stat.st_size,
+                self.model.version,
+                self.settings.intensity,
+                self.settings.axis,
+            )
+            embeddings = self.embeddings.volume(key)
+            cached = len(embeddings)
+            outcome = segmenter.segment(
+                {"image": image, "case": case_id(image)}, plan.source, plan.boxes, embeddings=embeddings
+            )
+            self.embeddings.trim()
             if outcome.status != "ok":
                 raise HTTPException(
                     status_code=422,
@@ -110,6 +126,8 @@ class SamParserInferTask(InferTask):
             "slices": outcome.slices,
             "foreground_voxels": voxels,
             "checkpoint": checkpoint,
+            "cached_slices": cached,
+            "encoded_slices": len(segmenter.last_result.encoded) if segmenter.last_result is not None else 0,
             "latencies": {
                 "load": round(loaded - start, 3),
                 "infer": round(done - loaded, 3),

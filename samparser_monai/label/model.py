@@ -13,6 +13,7 @@ from pathlib import Path
 from samparser_monai.export import merged_model
 from samparser_monai.label.config import LabelConfig
 from samparser_monai.networks import SamParser
+from samparser_monai.networks.runtime import runtime_cache_dir, use_runtime
 
 __all__ = ["LiveModel", "build_model"]
 
@@ -21,10 +22,11 @@ logger = logging.getLogger(__name__)
 
 def build_model(config: LabelConfig, checkpoint: str | os.PathLike | None = None) -> SamParser:
     """The served network: :func:`~samparser_monai.export.merged_model` of the app's base and ``checkpoint``, with
-    the method preset's ``network_def#...`` options (e.g. the LoRA rank)."""
-    return merged_model(
+    the method preset's ``network_def#...`` options (e.g. the LoRA rank), its encoder in the app's runtime."""
+    model = merged_model(
         config.backbone, config.base_checkpoint, checkpoint, config.device, **config.preset_network_kwargs()
     )
+    return use_runtime(model, config.runtime, config.threads, runtime_cache_dir(checkpoint))
 
 
 class LiveModel:
@@ -40,6 +42,12 @@ class LiveModel:
         self._lock = threading.Lock()
         self._key: tuple[str | None, float] | None = None
         self._model: SamParser | None = None
+
+    @property
+    def version(self) -> tuple[str | None, float] | None:
+        """What identifies the weights served now: the checkpoint's path and modification time (None before the
+        first :meth:`current`)."""
+        return self._key
 
     def current(self) -> tuple[SamParser, str | None]:
         """The network to use now and the checkpoint it holds (None: the stock base model)."""

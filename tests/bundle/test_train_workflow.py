@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import re
 
 import pytest
@@ -163,10 +164,11 @@ def test_inference_bundle_writes_label_maps_in_the_input_geometry(tmp_path):
         k: v for k, v in tiny_overrides(tmp_path, data).items() if k in ("bundle_root", "dataset_dir", "backbone")
     }
     predictions = tmp_path / "bundle" / "eval" / "predictions"
+    runtime = "onnxruntime" if importlib.util.find_spec("onnxruntime") else "torch"  # the cpu extra, when installed
     for split, cases in (("validation", 1), ("all", 3)):  # every case of dataset_dir by default
         workflow = _workflow(
             ["inference.json"], run_id="run", workflow_type="infer", val_fraction=0.34, inference_split=split,
-            overwrite=True, **override,
+            overwrite=True, runtime=runtime, **override,
         )  # fmt: skip
         workflow.initialize()
         workflow.run()

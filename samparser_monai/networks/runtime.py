@@ -1,0 +1,165 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Inference runtimes for the merged model's image encoder, the part that costs nearly all of a CPU forward.
+
+A merged SamParser is a stock SAM, so its image encoder exports to ONNX as is. :func:`use_runtime` swaps it for an
+onnxruntime session (``runtime="onnxruntime"``) and leaves the prompt encoder and mask decoder in PyTorch, where
+they are cheap. The exported file is cached once per encoder: its name holds a hash of the encoder's weights, so a
+new checkpoint gets a new file and an old one is never used for it. onnxruntime is an optional extra
+(``pip install 'samparser-monai[cpu]'``).
+
+Measured on a 2-core CPU with LiteMedSAM, see ``scripts/benchmark_runtimes.py`` and docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.utils import optional_import
+from torch import nn
+
+__all__ = [
+    "RUNTIMES",
+    "OnnxImageEncoder",
+    "default_cache_dir",
+    "encoder_fingerprint",
+    "runtime_cache_dir",
+    "set_threads",
+    "use_runtime",
+]
+
+logger = logging.getLogger(__name__)
+
+#: ``--runtime`` choices: PyTorch eager, or the image encoder in onnxruntime (the ``cpu`` extra)
+RUNTIMES = ("torch", "onnxruntime")
+
+_MISSING = (
+    "--runtime onnxruntime needs the onnxruntime and onnx packages, which are not installed: pip install "
+    "'samparser-monai[cpu]' (or use --runtime torch)."
+)
+
+
+def encoder_fingerprint(encoder: nn.Module) -> str:
+    """Hash of every tensor of ``encoder`` (names, shapes, dtypes and values): equal only for equal weights."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in encoder.state_dict().items():
+        data = tensor.detach().contiguous().cpu()
+        digest.update(f"{name}{data.dtype}{tuple(data.shape)}".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def default_cache_dir() -> Path:
+    """Where exported encoders go when no folder is given: ``$SAMPARSER_CACHE`` or ``~/.cache/samparser_monai``."""
+    return Path(os.environ.get("SAMPARSER_CACHE") or Path.home() / ".cache" / "samparser_monai")
+
+
+def runtime_cache_dir(checkpoint: str | os.PathLike | None = None) -> Path:
+    """Where to keep the exported encoder of a model: next to its coefficient ``checkpoint`` (``.runtime_cache/``
+    in its folder, when that folder is writable), else :func:`default_cache_dir`."""
+    if checkpoint:
+        folder = Path(checkpoint).resolve().parent
+        if os.access(folder, os.W_OK):
+            return folder / ".runtime_cache"
+    return default_cache_dir()
+
+
+def set_threads(threads: int | None = None) -> int:
+    """Let PyTorch use ``threads`` intra-op threads (default: every core this process may run on); returns it."""
+    if not threads:
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+class OnnxImageEncoder(nn.Module):
+    """An exported image encoder run by onnxruntime, called like the PyTorch one (``B x 3 x S x S`` in, embeddings
+    out, on the input's device). The graph is exported for one image, so a batch runs image by image.
+
+    Args:
+        path: the ``.onnx`` file.
+        threads: intra-op threads of the session (default: every core).
+    """
+
+    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        super().__init__()
+        ort, found = optional_import("onnxruntime")
+        if not found:
+            raise ImportError(_MISSING)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or set_threads(None)
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.path = os.fspath(path)
+        self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embeddings of ``x`` (``B x 3 x S x S``, preprocessed as for the PyTorch encoder)."""
+        images = x.detach().float().cpu().numpy()
+        out = [self.session.run(None, {self.input_name: images[i : i + 1]})[0] for i in range(images.shape[0])]
+        return torch.from_numpy(np.concatenate(out)).to(x.device)
+
+
+def export_image_encoder(encoder: nn.Module, path: str | os.PathLike, image_size: int) -> Path:
+    """Export ``encoder`` (in eval mode) to ONNX at ``path`` for one ``3 x image_size x image_size`` image.
+
+    Written under a temporary name and renamed into place, so a cut-off export never leaves a broken cache file.
+    """
+    if not optional_import("onnx")[1]:
+        raise ImportError(_MISSING)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".onnx")
+    os.close(handle)
+    example = torch.zeros(1, 3, image_size, image_size)
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the tracer's notes on shapes it freezes (the batch of one is intended)
+            torch.onnx.export(
+                encoder.eval(), (example,), partial, input_names=["image"], output_names=["embedding"],
+                opset_version=17, dynamo=False,
+            )  # fmt: skip
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
+def use_runtime(
+    model: nn.Module, runtime: str = "torch", threads: int | None = None, cache_dir: str | os.PathLike | None = None
+) -> nn.Module:
+    """Run ``model``'s image encoder in ``runtime`` (one of :data:`RUNTIMES`); returns the model, changed in place.
+
+    ``onnxruntime`` exports the encoder once to ``<cache_dir>/<backbone>-encoder-<weights hash>.onnx`` (default
+    :func:`default_cache_dir`) and reuses the file on later calls with the same weights. Call it on a merged model in
+    eval mode; the model is then for inference only (its encoder has no parameters left to train).
+
+    Raises:
+        ValueError: an unknown runtime.
+        ImportError: onnxruntime or onnx is missing (one sentence with the install command).
+    """
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown runtime {runtime!r}; use one of {list(RUNTIMES)}.")
+    threads = set_threads(threads)
+    if runtime == "torch":
+        return model
+    if not optional_import("onnxruntime")[1]:
+        raise ImportError(_MISSING)
+    encoder = model.image_encoder
+    if isinstance(encoder, OnnxImageEncoder):
+        return model
+    name = f"{getattr(model, 'backbone', 'sam')}-encoder-{encoder_fingerprint(encoder)[:20]}-{model.image_size}.onnx"
+    path = Path(cache_dir or default_cache_dir()) / name
+    if not path.is_file():
+        logger.info("exporting the image encoder to %s (once per checkpoint)", path)
+        export_image_encoder(encoder, path, model.image_size)
+    model.image_encoder = OnnxImageEncoder(path, threads)
+    return model

@@ -1,0 +1,72 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Inference runtimes: onnxruntime gives PyTorch's masks, its export is cached per weights, and a missing package is
+one sentence."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from samparser_monai.export import merged_model
+from samparser_monai.networks import runtime
+from samparser_monai.networks.runtime import OnnxImageEncoder, use_runtime
+
+pytest.importorskip("onnxruntime", reason="the cpu extra (onnxruntime) is not installed")
+from conftest import SHARED_DATA as CONFTEST_DATA  # noqa: E402
+
+
+def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+
+
+def test_onnxruntime_encoder_matches_torch_and_is_exported_once_per_weights(tmp_path):
+    image = torch.rand(2, 1, 40, 52)
+    box = torch.tensor([[[5.0, 6.0, 30.0, 28.0]], [[10.0, 3.0, 45.0, 35.0]]])
+    reference = merged_model("tiny").eval()
+    with torch.inference_mode():
+        expected = reference(image, box)
+    model = use_runtime(merged_model("tiny").eval(), "onnxruntime", threads=1, cache_dir=tmp_path)
+    assert isinstance(model.image_encoder, OnnxImageEncoder)
+    with torch.inference_mode():
+        got = model(image, box)
+    assert torch.allclose(got, expected, atol=1e-3), float((got - expected).abs().max())
+    exported = sorted(tmp_path.glob("*.onnx"))
+    assert len(exported) == 1 and exported[0].name.startswith("tiny-encoder-")
+    stamp = exported[0].stat().st_mtime_ns
+    use_runtime(merged_model("tiny").eval(), "onnxruntime", cache_dir=tmp_path)  # same weights: the same file
+    assert sorted(tmp_path.glob("*.onnx")) == exported and exported[0].stat().st_mtime_ns == stamp
+    other = merged_model("tiny").eval()
+    with torch.no_grad():
+        other.image_encoder.neck[0].weight.mul_(1.01)  # another checkpoint: another file, never the old one
+    use_runtime(other, "onnxruntime", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.onnx"))) == 2 and not list(tmp_path.glob(".partial*"))
+
+
+def test_a_missing_runtime_package_is_one_sentence(monkeypatch):
+    monkeypatch.setattr(runtime, "optional_import", lambda name: (None, False))
+    with pytest.raises(ImportError, match=r"needs the onnxruntime and onnx packages, which are not installed: pip"):
+        use_runtime(merged_model("tiny").eval(), "onnxruntime")
+    with pytest.raises(ValueError, match="Unknown runtime 'openvino'"):
+        use_runtime(merged_model("tiny").eval(), "openvino")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CONFTEST_DATA.is_dir(), reason=f"real data not found at {CONFTEST_DATA}")
+def test_onnxruntime_masks_match_torch_on_a_real_lite_medsam_slice(tmp_path):
+    import nibabel as nib
+
+    case = CONFTEST_DATA / "msd_hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
+    volume = np.asarray(nib.load(case).dataobj, np.float32)
+    label = np.asarray(nib.load(str(case).replace("imagesTr", "labelsTr")).dataobj) > 0
+    k = int(label.sum(axis=(0, 1)).argmax())
+    plane = volume[:, :, k]
+    plane = (plane - plane.min()) / max(float(plane.max() - plane.min()), 1e-6)
+    rows, cols = np.nonzero(label[:, :, k])
+    box = torch.tensor([[[cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]]], dtype=torch.float32)
+    image = torch.from_numpy(plane)[None, None]
+    with torch.inference_mode():
+        expected = merged_model("lite_medsam").eval()(image, box) > 0
+        model = use_runtime(merged_model("lite_medsam").eval(), "onnxruntime", cache_dir=tmp_path)
+        got = model(image, box) > 0
+    assert expected.any() and _dice(got, expected) >= 0.99
