@@ -45,6 +45,10 @@ class SliceDataset(Dataset):
         background_fraction: background samples to add, as a fraction of the foreground samples.
         seed: seed of the choice of background slices.
         progress: show a progress bar while caching.
+        context: add what inference-time prompts are made of to each foreground sample (for
+            :class:`~samparser_monai.transforms.UserBoxPromptd`): ``"neighbours"``, ``2 x H x W``, the same label's
+            target on the slices before and after (zeros past the volume's ends), and ``"roi_box"``, the label's 3D
+            bounding box projected on the slice (``x0, y0, x1, y1``, inclusive).
 
     Raises:
         ValueError: a case that cannot be read or prepared (the message names the case and the cause), or no sample
@@ -62,12 +66,14 @@ class SliceDataset(Dataset):
         background_fraction: float = 0.0,
         seed: int = 0,
         progress: bool = True,
+        context: bool = False,
     ) -> None:
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2 (a spatial axis of the volume), got {axis}.")
         if not data:
             raise ValueError("The datalist is empty: check dataset_dir and the datalist section.")
-        self.transform, self.slice_transform = transform, slice_transform
+        self.transform, self.slice_transform, self.context = transform, slice_transform, context
+        self._roi: dict[tuple[int, int], list[float]] = {}
         self.axis, self.min_pixels = axis, int(min_pixels)
         self.labels = None if labels is None else [int(v) for v in labels]
         self.cases: list[str] = []
@@ -75,7 +81,7 @@ class SliceDataset(Dataset):
         self.samples: list[tuple[int, int, int]] = []
         background: list[tuple[int, int, int]] = []
         for item in tqdm(data, desc="caching volumes", disable=not progress, unit="case"):
-            case = str(item.get("case", case_id(item["image"])))
+            case = str(item.get("case") or case_id(item["image"]))
             image, label = self._prepare(item, case)
             found = self._index(len(self.volumes), label)
             if found is None:
@@ -141,7 +147,25 @@ class SliceDataset(Dataset):
             "case": self.cases[volume],
             "slice": s,
         }
+        if self.context and label_id:
+            item.update(self._context(volume, s, label_id))
         return apply_transform(self.slice_transform, item) if self.slice_transform is not None else item
+
+    def _context(self, volume: int, s: int, label_id: int) -> dict[str, torch.Tensor]:
+        """The neighbouring slices' targets and the label's 3D box projected on the slice (see ``context``)."""
+        label = self.volumes[volume][1]
+        n_slices = label.shape[self.axis + 1]
+        planes = [
+            (label.select(self.axis + 1, t) == label_id).float() if 0 <= t < n_slices else None for t in (s - 1, s + 1)
+        ]
+        like = label.select(self.axis + 1, s).float()
+        neighbours = torch.cat([p if p is not None else torch.zeros_like(like) for p in planes])
+        key = (volume, label_id)
+        if key not in self._roi:
+            plane = (label == label_id).any(dim=self.axis + 1)[0]  # rows x columns of the slice plane
+            rows, cols = torch.nonzero(plane.any(dim=1))[:, 0], torch.nonzero(plane.any(dim=0))[:, 0]
+            self._roi[key] = [float(cols.min()), float(rows.min()), float(cols.max()), float(rows.max())]
+        return {"neighbours": neighbours, "roi_box": torch.tensor(self._roi[key], dtype=torch.float32)}
 
     def label_counts(self) -> dict[int, int]:
         """Number of samples per label id (0 = background)."""

@@ -50,6 +50,9 @@ def write_csv_atomic(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]],
     """Write ``rows`` to ``path`` through a temporary file in the same folder, renamed into place when complete."""
     folder = os.path.dirname(os.path.abspath(path))
     descriptor, partial = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".csv")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # mkstemp's 0600 would hide the summary from the user's group
     try:
         with os.fdopen(descriptor, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")

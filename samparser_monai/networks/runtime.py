@@ -118,6 +118,9 @@ def export_image_encoder(encoder: nn.Module, path: str | os.PathLike, image_size
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".onnx")
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(partial, 0o666 & ~umask)  # shared like any other file of the folder, not mkstemp's 0600
     example = torch.zeros(1, 3, image_size, image_size)
     try:
         with warnings.catch_warnings(), torch.no_grad():

@@ -10,8 +10,20 @@ from samparser_monai.transforms.intensity import (
     IntensityPresetd,
     PercentileNormalized,
 )
-from samparser_monai.transforms.pipelines import image_2d_transforms, slice_transforms, volume_transforms
-from samparser_monai.transforms.prompts import BOX_MODES, BoxPromptd, jitter_box, mask_to_box
+from samparser_monai.transforms.pipelines import (
+    BOX_PROTOCOLS,
+    image_2d_transforms,
+    slice_transforms,
+    volume_transforms,
+)
+from samparser_monai.transforms.prompts import (
+    BOX_MODES,
+    USER_BOXES,
+    BoxPromptd,
+    UserBoxPromptd,
+    jitter_box,
+    mask_to_box,
+)
 from samparser_monai.transforms.spatial import (
     RESIZE_MODES,
     ResizeLongestPadd,
@@ -23,10 +35,13 @@ from samparser_monai.transforms.spatial import (
 
 __all__ = [
     "BOX_MODES",
+    "BOX_PROTOCOLS",
+    "USER_BOXES",
     "CT_WINDOWS",
     "INTENSITY_PRESETS",
     "RESIZE_MODES",
     "BoxPromptd",
+    "UserBoxPromptd",
     "CTWindowd",
     "CheckVolumePaird",
     "ReplaceNonFinited",

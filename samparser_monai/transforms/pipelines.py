@@ -10,10 +10,10 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, Sca
 
 from samparser_monai.transforms.checks import CheckVolumePaird, ReplaceNonFinited
 from samparser_monai.transforms.intensity import IntensityPresetd
-from samparser_monai.transforms.prompts import BoxPromptd
+from samparser_monai.transforms.prompts import BoxPromptd, UserBoxPromptd
 from samparser_monai.transforms.spatial import ResizeLongestPadd
 
-__all__ = ["image_2d_transforms", "slice_transforms", "volume_transforms"]
+__all__ = ["BOX_PROTOCOLS", "image_2d_transforms", "slice_transforms", "volume_transforms"]
 
 
 def volume_transforms(
@@ -63,8 +63,13 @@ def slice_transforms(
     jitter_mode: str = "fraction",
     empty_box: str = "random",
     track_meta: bool = True,
+    box_protocol: str = "tight",
 ) -> Compose:
     """Box prompt from the 2D target (with jitter) and SAM's resize-longest-side + pad to ``spatial_size``.
+
+    ``box_protocol="user"`` then swaps the box, at random, for one like users' prompts give at inference
+    (:class:`~samparser_monai.transforms.UserBoxPromptd`: tight, a neighbouring slice's, an ROI projection, a third
+    each); it needs a :class:`~samparser_monai.data.SliceDataset` with ``context=True``.
 
     ``track_meta=False`` (training) ends with plain tensors: no metadata to collate, and the loss and metrics then
     run without MetaTensor's per-operation bookkeeping; keep the default where the resize must be inverted.
@@ -72,10 +77,21 @@ def slice_transforms(
     return Compose(
         [
             BoxPromptd(keys="label", jitter=jitter, jitter_mode=jitter_mode, per="mask", empty_box=empty_box),
+            *([UserBoxPromptd()] if _box_protocol(box_protocol) == "user" else []),
             ResizeLongestPadd(keys=["image", "label"], spatial_size=spatial_size, mode=["bilinear", "nearest-exact"]),
             *([] if track_meta else [EnsureTyped(keys=["image", "label"], track_meta=False)]),
         ]
     )
+
+
+#: ``box_protocol`` values of :func:`slice_transforms` (the bundle's ``train_box_protocol``)
+BOX_PROTOCOLS = ("tight", "user")
+
+
+def _box_protocol(name: str) -> str:
+    if name not in BOX_PROTOCOLS:
+        raise ValueError(f"Unknown box protocol {name!r}; use one of {list(BOX_PROTOCOLS)}.")
+    return name
 
 
 def image_2d_transforms(

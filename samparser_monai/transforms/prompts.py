@@ -19,10 +19,13 @@ from monai.utils import convert_to_numpy, optional_import
 
 ndimage, _has_scipy = optional_import("scipy.ndimage")
 
-__all__ = ["BOX_MODES", "BoxPromptd", "jitter_box", "mask_to_box"]
+__all__ = ["BOX_MODES", "USER_BOXES", "BoxPromptd", "UserBoxPromptd", "jitter_box", "mask_to_box"]
 
 #: The ``per`` modes of :class:`BoxPromptd`.
 BOX_MODES = ("mask", "label", "component")
+
+#: Boxes :class:`UserBoxPromptd` draws from: what the 3D prompt engine gives the decoder at inference.
+USER_BOXES = ("tight", "neighbour", "roi")
 
 _RandomSource = np.random.RandomState | np.random.Generator | torch.Generator
 
@@ -234,4 +237,73 @@ class BoxPromptd(Randomizable, MapTransform):
                 box_labels = [0]  # a random box on an empty target
             d[self.box_key] = prompts.to(torch.float32)
             d[self.box_label_key] = torch.tensor(box_labels, dtype=torch.int64)
+        return d
+
+
+class UserBoxPromptd(Randomizable, MapTransform):
+    """Replace a training sample's box by one like those users' prompts give the decoder at inference, at random.
+
+    The 3D prompt engine prompts a slice with the box of the previous slice's mask (``key``, ``roi``, ``points``
+    propagation), and an ROI projects one box on every slice it spans, too large on its end slices; a model trained
+    only on tight (jittered) boxes never sees either. Per sample, with the probabilities given, the box becomes:
+
+    - ``"tight"``: the box :class:`BoxPromptd` drew (kept as is);
+    - ``"neighbour"``: the tight box of the same label on a neighbouring slice (a random side that holds it; the
+      sample's own box when neither does), grown by ``margin`` (a fraction of its size), as propagation gives it;
+    - ``"roi"``: the label's 3D bounding box projected on the slice, grown by ``pad`` pixels, as a 3D ROI gives it.
+
+    Needs the ``neighbours`` and ``roi_box`` keys of :class:`~samparser_monai.data.SliceDataset` (``context=True``)
+    and removes them; a sample without them (background) keeps its box. Place it after :class:`BoxPromptd` and before
+    the resize.
+
+    Args:
+        box_key: the key of the boxes (``N x 4``; the first box is replaced).
+        probabilities: weight of each of :data:`USER_BOXES` (normalised).
+        margin: growth of a neighbour box, as a fraction of its width and height on each side.
+        pad: growth of the ROI box, in pixels on each side.
+    """
+
+    def __init__(
+        self,
+        box_key: str = "box",
+        probabilities: Mapping[str, float] | None = None,
+        margin: float = 0.0,
+        pad: float = 1.0,
+    ) -> None:
+        super().__init__(keys=box_key)
+        weights = dict(probabilities or dict.fromkeys(USER_BOXES, 1.0))
+        unknown = sorted(set(weights) - set(USER_BOXES))
+        if unknown or not weights or min(weights.values()) < 0 or sum(weights.values()) <= 0:
+            raise ValueError(f"probabilities must weigh {list(USER_BOXES)} with non-negative numbers, got {weights}.")
+        total = float(sum(weights.values()))
+        self.names = list(weights)
+        self.weights = [weights[n] / total for n in self.names]
+        self.box_key, self.margin, self.pad = box_key, float(margin), float(pad)
+
+    def randomize(self, data: Any = None) -> tuple[str, int]:
+        """Draw the kind of box and the side of the neighbour."""
+        return str(self.R.choice(self.names, p=self.weights)), int(self.R.randint(2))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        neighbours, roi = d.pop("neighbours", None), d.pop("roi_box", None)
+        kind, side = self.randomize()
+        if neighbours is None or roi is None or d[self.box_key].shape[0] == 0 or kind == "tight":
+            return d
+        h, w = neighbours.shape[-2:]
+        if kind == "roi":
+            box = torch.as_tensor(roi, dtype=torch.float32) + torch.tensor([-self.pad, -self.pad, self.pad, self.pad])
+        else:
+            sides = [k for k in (side, 1 - side) if bool(neighbours[k].any())]
+            found = mask_to_box(neighbours[sides[0]]) if sides else None
+            if found is None:
+                return d
+            size = torch.stack([found[2] - found[0] + 1, found[3] - found[1] + 1]).float()
+            box = found.float() + torch.cat([-size, size]) * self.margin
+        box = torch.stack(
+            [box[0].clamp(0, w - 1), box[1].clamp(0, h - 1), box[2].clamp(0, w - 1), box[3].clamp(0, h - 1)]
+        )
+        boxes = d[self.box_key].clone()
+        boxes[0] = box
+        d[self.box_key] = boxes
         return d

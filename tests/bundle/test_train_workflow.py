@@ -189,3 +189,13 @@ def test_amp_dtype_reaches_the_trainer_and_the_evaluator(tmp_path, small_dataset
     workflow = _workflow(["train.json"], **override)
     for engine in ("train#trainer", "validate#evaluator"):
         assert workflow.parser.get_parsed_content(engine).amp_kwargs == {"dtype": torch.bfloat16}, engine
+
+
+def test_training_with_user_like_boxes(tmp_path, small_dataset):
+    workflow = _train(tmp_path, small_dataset, train_box_protocol="user")
+    dataset = workflow.parser.get_parsed_content("train#dataset")
+    assert dataset.context, "the slice dataset carries the neighbouring slices and the 3D box"
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 2 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
+    workflow.finalize()

@@ -123,3 +123,16 @@ def test_volumes_are_read_once_and_workers_see_the_same_samples(tmp_path, monkey
     assert sum(len(b["case"]) for b in batches) == len(ds) == 20
     first = batches[0]
     assert torch.equal(first["image"][0], serial[0]["image"]) and first["label_id"][0] == serial[0]["label_id"]
+
+
+def test_context_gives_the_neighbouring_targets_and_the_projected_3d_box():
+    image = torch.rand(1, 12, 10, 4)
+    label = torch.zeros(1, 12, 10, 4, dtype=torch.uint8)
+    label[0, 2:6, 3:5, 1] = 2
+    label[0, 4:9, 1:7, 2] = 2
+    dataset = SliceDataset([{"image": image, "label": label, "case": "c"}], axis=2, context=True, progress=False)
+    first = next(dataset[i] for i in range(len(dataset)) if dataset[i]["slice"] == 1)
+    assert first["neighbours"].shape == (2, 12, 10)
+    assert not first["neighbours"][0].any() and first["neighbours"][1].sum() == 5 * 6, "slice 0 empty, slice 2 next"
+    assert first["roi_box"].tolist() == [1.0, 2.0, 6.0, 8.0], "columns 1-6, rows 2-8 over both slices"
+    assert "neighbours" not in SliceDataset([{"image": image, "label": label, "case": "c"}], progress=False)[0]

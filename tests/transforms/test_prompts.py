@@ -150,3 +150,27 @@ def test_argument_checks():
         jitter_box([0, 0, 1, 1], 1.0, mode="percent")
     out = BoxPromptd(allow_missing_keys=True)({"image": np.zeros((1, 4, 4))})
     assert "box" not in out
+
+
+def test_user_boxes_come_from_the_neighbouring_slice_or_the_roi_projection():
+    from samparser_monai.transforms import UserBoxPromptd
+
+    label = torch.zeros(1, 20, 20)
+    label[0, 5:9, 6:10] = 1  # tight box (6, 5, 9, 8)
+    neighbours = torch.zeros(2, 20, 20)
+    neighbours[1, 4:12, 3:15] = 1  # the next slice's object: box (3, 4, 14, 11)
+    sample = {"label": label, "box": torch.tensor([[6.0, 5.0, 9.0, 8.0]]), "neighbours": neighbours,
+              "roi_box": torch.tensor([2.0, 2.0, 16.0, 13.0])}  # fmt: skip
+    neighbour = UserBoxPromptd(probabilities={"neighbour": 1.0}, margin=0.25)(dict(sample))
+    assert neighbour["box"].tolist() == [[0.0, 2.0, 17.0, 13.0]], "the next slice's box, grown by a quarter"
+    assert "neighbours" not in neighbour and "roi_box" not in neighbour
+    roi = UserBoxPromptd(probabilities={"roi": 1.0}, pad=1)(dict(sample))
+    assert roi["box"].tolist() == [[1.0, 1.0, 17.0, 14.0]]
+    tight = UserBoxPromptd(probabilities={"tight": 1.0})(dict(sample))
+    assert tight["box"].tolist() == [[6.0, 5.0, 9.0, 8.0]]
+    mixed = UserBoxPromptd()
+    mixed.set_random_state(0)
+    drawn = {tuple(mixed(dict(sample))["box"][0].tolist()) for _ in range(30)}
+    assert len(drawn) == 3, "a third of each kind"
+    with pytest.raises(ValueError, match="probabilities must weigh"):
+        UserBoxPromptd(probabilities={"clicks": 1.0})
