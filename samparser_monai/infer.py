@@ -25,7 +25,7 @@ from samparser_monai.engines.prompt_engine import add_stop_rule_arguments, stop_
 from samparser_monai.engines.prompts_3d import load_box_json
 from samparser_monai.engines.qa import QAWriter
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, VolumeSegmenter
-from samparser_monai.export import merged_model
+from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import RUNTIMES, runtime_cache_dir, use_runtime
 
 __all__ = ["collect_inputs", "main"]

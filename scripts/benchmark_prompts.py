@@ -39,7 +39,8 @@ from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.prompt_engine import add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.engines.simulated_prompts import PROTOCOLS, simulate
 from samparser_monai.engines.workflow import bundle_datalists
-from samparser_monai.export import merged_model
+from samparser_monai.networks.artefacts import merged_model
+from samparser_monai.networks.runtime import RUNTIMES, runtime_cache_dir, use_runtime
 from samparser_monai.transforms.pipelines import volume_transforms
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_stop_rule_arguments(parser)
     parser.add_argument("--trace", action="store_true", help="write trace.csv: what the stop rule saw per slice")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runtime", default="torch", choices=RUNTIMES, help="image encoder runtime (default torch)")
     parser.add_argument("--output-dir", default="benchmark_results/prompts")
     args = parser.parse_args(argv)
     try:
@@ -70,6 +72,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _, cases = bundle_datalists(args.dataset_dir, "msd", 0.2, 0)
         cases = cases[: args.cases] if args.cases else cases
         model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint, args.device)
+        use_runtime(model, args.runtime, None, runtime_cache_dir(args.checkpoint))
         rule = stop_rule_from_args(args)
         transform = volume_transforms(args.intensity, keys=("image", "label"))
         out = Path(args.output_dir)
@@ -128,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         table = render(rows)
         (out / "prompts.md").write_text(table)
         print(table)
-    except (ValueError, FileNotFoundError, OSError) as err:
+    except (ValueError, FileNotFoundError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"results in {Path(args.output_dir).resolve()}")

@@ -37,7 +37,7 @@ from samparser_monai.data.dicom import DicomSeriesReader
 from samparser_monai.data.dicom_datalist import dicom_datalist
 from samparser_monai.engines import VolumeSegmenter, bundle_datalists
 from samparser_monai.engines.host_memory import retain_freed_host_memory
-from samparser_monai.export import merged_model
+from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import RUNTIMES, set_threads, use_runtime
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from samparser_monai.export import read_coefficient_checkpoint
+from samparser_monai.networks.artefacts import read_coefficient_checkpoint
 from samparser_monai.networks.backbones import BACKBONES
 from samparser_monai.networks.runtime import RUNTIMES
 from samparser_monai.transforms.intensity import INTENSITY_PRESETS

@@ -10,9 +10,9 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from samparser_monai.export import merged_model
 from samparser_monai.label.config import LabelConfig
 from samparser_monai.networks import SamParser
+from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import runtime_cache_dir, use_runtime
 
 __all__ = ["LiveModel", "build_model"]
@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 def build_model(config: LabelConfig, checkpoint: str | os.PathLike | None = None) -> SamParser:
-    """The served network: :func:`~samparser_monai.export.merged_model` of the app's base and ``checkpoint``, with
+    """The served network: :func:`~samparser_monai.networks.merged_model` of the app's base and ``checkpoint``, with
     the method preset's ``network_def#...`` options (e.g. the LoRA rank), its encoder in the app's runtime."""
     model = merged_model(
         config.backbone, config.base_checkpoint, checkpoint, config.device, **config.preset_network_kwargs()

@@ -18,8 +18,8 @@ from monai.transforms import LoadImage
 
 from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.workflow import latest_checkpoint
-from samparser_monai.export import read_coefficient_checkpoint
 from samparser_monai.label.config import LabelConfig
+from samparser_monai.networks.artefacts import read_coefficient_checkpoint
 from samparser_monai.networks.param_groups import DEFAULT_COEFFICIENT_LEARNING_RATE
 
 __all__ = ["TRAIN_OPTIONS", "count_classes", "fine_tune", "link_dataset", "publish_checkpoint", "train_options"]

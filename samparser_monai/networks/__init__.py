@@ -1,6 +1,11 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
 """Networks: the SVD coefficient reparametrization, SAM backbones and the SamParser network."""
 
+from samparser_monai.networks.artefacts import (  # noqa: E402 - builds on the modules above
+    ArtefactError,
+    merged_model,
+    read_coefficient_checkpoint,
+)
 from samparser_monai.networks.backbones import (
     BACKBONES,
     Backbone,
@@ -31,6 +36,7 @@ from samparser_monai.networks.sam import (
 from samparser_monai.networks.state import (
     coefficient_state,
     load_coefficient_state,
+    read_state_file,
     save_coefficient_state,
     trainable_keys,
 )
@@ -53,6 +59,10 @@ from samparser_monai.networks.svd import (
 )
 
 __all__ = [
+    "ArtefactError",
+    "merged_model",
+    "read_coefficient_checkpoint",
+    "read_state_file",
     "BACKBONES",
     "COEFFICIENT_GROUPS",
     "COEFFICIENT_PRESETS",

@@ -176,7 +176,7 @@ def load_state_dict_file(path: str | os.PathLike, backbone: str = "vit_b") -> di
 
 
 @cache
-def _expected_shapes(name: str) -> dict[str, tuple[int, ...]]:
+def expected_shapes(name: str) -> dict[str, tuple[int, ...]]:
     """Key -> shape of a backbone's state dict, built on the meta device where the architecture allows."""
     spec, builder = BACKBONES[name]
     try:
@@ -187,7 +187,7 @@ def _expected_shapes(name: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+def shape_mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
     problems = []
     for key, shape in expected.items():
         if key not in state:
@@ -201,14 +201,14 @@ def _mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[
 def guess_backbone(state: Mapping[str, torch.Tensor]) -> str | None:
     """The registered backbone whose keys and shapes a state dict matches exactly, if any."""
     for name in BACKBONES:
-        if not _mismatches(state, _expected_shapes(name)):
+        if not shape_mismatches(state, expected_shapes(name)):
             return name
     return None
 
 
 def _check_architecture(state: Mapping[str, torch.Tensor], model: nn.Module, name: str, path: str) -> None:
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    problems = _mismatches(state, expected)
+    problems = shape_mismatches(state, expected)
     if not problems:
         return
     fits = guess_backbone(state)

@@ -77,6 +77,28 @@ def save_coefficient_state(model: nn.Module, path: str | os.PathLike) -> str:
     return path
 
 
+def read_state_file(path: str | os.PathLike, name: str = "", hint: str = "") -> Any:
+    """The object stored in a coefficient checkpoint file, read weights-only (no code in the file runs).
+
+    The one place that reads these files: :func:`load_coefficient_state` and
+    :func:`~samparser_monai.networks.artefacts.read_coefficient_checkpoint` both call it.
+
+    Args:
+        path: the file.
+        name: how the sentence names the file (default ``'<path>'``).
+        hint: what to do about it, appended to the sentence after a semicolon.
+
+    Raises:
+        ValueError: the file cannot be read (truncated, not a PyTorch file, or holding Python objects besides
+            tensors); one complete sentence.
+    """
+    try:
+        return torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # junk bytes fail in many ways inside torch.load (IndexError, struct.error, ...)
+        what = name or f"'{os.fspath(path)}'"
+        raise ValueError(f"{what} could not be read: {unreadable_reason(err)}{'; ' + hint if hint else ''}.") from err
+
+
 def load_coefficient_state(model: nn.Module, state: Mapping[str, Any] | str | os.PathLike) -> nn.Module:
     """Load a coefficient state (a dict or a file path) onto a model built from the same base; returns the model.
 
@@ -86,10 +108,7 @@ def load_coefficient_state(model: nn.Module, state: Mapping[str, Any] | str | os
     source = "This coefficient state"
     if isinstance(state, (str, os.PathLike)):
         source = f"'{os.fspath(state)}'"
-        try:
-            state = torch.load(os.fspath(state), map_location="cpu", weights_only=True)
-        except Exception as err:  # junk bytes fail in many ways inside torch.load (IndexError, struct.error, ...)
-            raise ValueError(f"{source} could not be read: {unreadable_reason(err)}.") from err
+        state = read_state_file(state)
     if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"{source} is not a SAM-PARSER coefficient checkpoint (no '{STATE_FORMAT}' format tag).")
     if state["backbone"] != model.backbone or state["base_sha256"] != model.base_sha256:

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from samparser_monai.export import merged_model
 from samparser_monai.networks import runtime
+from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import OnnxImageEncoder, use_runtime
 
 pytest.importorskip("onnxruntime", reason="the cpu extra (onnxruntime) is not installed")

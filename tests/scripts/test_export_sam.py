@@ -281,5 +281,5 @@ def test_exported_vit_b_loads_into_segment_anything_and_gives_the_merged_models_
 def test_junk_coefficient_checkpoint_is_one_sentence(tmp_path, junk):
     path = tmp_path / "model.pt"
     path.write_bytes(junk)
-    with pytest.raises(ExportError, match="could not be read .*: pass the model.pt that training wrote"):
+    with pytest.raises(ExportError, match="could not be read: .*; pass the model.pt that training wrote"):
         read_coefficient_checkpoint(path)
