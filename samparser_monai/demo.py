@@ -28,6 +28,7 @@ from samparser_monai.networks import (
     parameter_groups,
     save_coefficient_state,
 )
+from samparser_monai.transforms.box_prompts import jitter_box, mask_to_box
 
 __all__ = ["demo_batch", "main"]
 
@@ -44,12 +45,10 @@ def demo_batch(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor
         mask = (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1).float()
         background = 0.35 + 0.1 * torch.sin(xx / 9.0 + float(cy)) * torch.cos(yy / 13.0)
         image = background + 0.18 * mask + 0.08 * torch.randn(size, size, generator=g)
-        ys, xs = torch.nonzero(mask, as_tuple=True)
-        jitter = (torch.rand(4, generator=g) - 0.5) * 0.2 * size
-        box = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()]).float() + jitter
+        box = jitter_box(mask_to_box(mask), 0.1 * size, mode="pixels", image_size=(size, size), generator=g)
         images.append(image.clamp(0, 1))
         masks.append(mask)
-        boxes.append(box.clamp(0, size - 1))
+        boxes.append(box)
     return torch.stack(images)[:, None], torch.stack(masks)[:, None], torch.stack(boxes)[:, None]
 
 

@@ -10,7 +10,7 @@ with activation checkpointing of the encoder blocks or bf16/fp16 autocast in the
 
 Accuracy half: every method fine-tuned with ``bundle/configs/train.json`` and its ``configs/methods`` preset on the
 training split of the hippocampus data (same budget, seed and box jitter), its checkpoint evaluated with
-``evaluate.json`` (label-derived boxes) next to the zero-shot model (see ``samparser_monai.engines.comparison``).
+``evaluate.json`` (label-derived boxes) next to the zero-shot model (see ``samparser_monai.benchmarks.comparison``).
 
     python scripts/benchmark.py --mode quick                      # both halves, quick budget (a 2-core CPU)
     python scripts/benchmark.py --mode full --output-dir results  # the budget to quote (a GPU)
@@ -36,10 +36,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from samparser_monai.benchmarks.comparison import BUDGETS, ZERO_SHOT, compare_methods
 from samparser_monai.demo import demo_batch
-from samparser_monai.engines.comparison import BUDGETS, ZERO_SHOT, compare_methods
-from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.networks import SamParser, coefficient_state, parameter_groups, trainable_summary
+from samparser_monai.process import retain_freed_host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"

@@ -36,9 +36,16 @@ from tqdm import tqdm
 from samparser_monai.data.dicom import DicomSeriesReader
 from samparser_monai.data.dicom_datalist import dicom_datalist
 from samparser_monai.engines import VolumeSegmenter, bundle_datalists
-from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import RUNTIMES, set_threads, use_runtime
+from samparser_monai.process import retain_freed_host_memory
+
+try:  # the MONAI Label rows need the label extra; imported now, so a long run cannot fail at its end
+    from samparser_monai.label.config import LabelConfig
+    from samparser_monai.label.infer import SamParserInferTask
+    from samparser_monai.label.model import LiveModel
+except ImportError:  # pragma: no cover - depends on the environment
+    LabelConfig = None
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -100,10 +107,6 @@ def time_cases(models: dict, items: list[dict], label_format: str, intensity: st
 
 def time_label_requests(runtimes: list[str], image: str, threads: int) -> list[dict]:
     """A first request (ROI) and a second prompt (a click) on the same image, through the app's infer task."""
-    from samparser_monai.label.config import LabelConfig
-    from samparser_monai.label.infer import SamParserInferTask
-    from samparser_monai.label.model import LiveModel
-
     reference = np.asarray(nib.load(image.replace("imagesTr", "labelsTr")).dataobj) > 0
     idx = np.argwhere(reference)
     lo, hi = idx.min(0), idx.max(0)
@@ -186,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     if Path(args.ct_dir).is_dir():
         ct_rows = time_cases(models, dicom_datalist(args.ct_dir), "dicom_seg", "ct_abdomen", DicomSeriesReader())
         rows += [{**r, "measure": "case_ct"} for r in ct_rows]
-    rows += time_label_requests(args.runtimes, validation[0]["image"], threads)
+    if LabelConfig is not None:
+        rows += time_label_requests(args.runtimes, validation[0]["image"], threads)
     fields = ["measure", "runtime", "seconds", "dice", "agreement", "slices", "detail"]
     with open(out / "runtimes.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")

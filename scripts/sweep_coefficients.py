@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from samparser_monai.engines.comparison import ZERO_SHOT, run_bundle, summarise_metrics
-from samparser_monai.engines.host_memory import retain_freed_host_memory
+from samparser_monai.benchmarks.comparison import ZERO_SHOT, run_bundle, summarise_metrics
 from samparser_monai.engines.workflow import latest_checkpoint
 from samparser_monai.networks.trunk_cache import TrunkFeatureCache
+from samparser_monai.process import retain_freed_host_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"

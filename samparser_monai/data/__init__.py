@@ -8,6 +8,14 @@ from samparser_monai.data.datalists import (
     msd_datalist,
     split_by_case,
 )
+from samparser_monai.data.dataset_dir import (
+    DATASET_FORMATS,
+    INFERENCE_SPLITS,
+    bundle_datalists,
+    dataset_items,
+    dataset_label_names,
+    inference_datalist,
+)
 from samparser_monai.data.demo import DEMO_DATASET, make_demo_dataset
 from samparser_monai.data.dicom import (
     DicomError,
@@ -21,6 +29,12 @@ from samparser_monai.data.dicom_datalist import LoadDicomSegd, dicom_datalist
 from samparser_monai.data.slice_dataset import SliceDataset
 
 __all__ = [
+    "DATASET_FORMATS",
+    "INFERENCE_SPLITS",
+    "bundle_datalists",
+    "dataset_items",
+    "dataset_label_names",
+    "inference_datalist",
     "DEMO_DATASET",
     "DicomError",
     "DicomSeriesReader",

@@ -1,15 +1,22 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
 """Engines: slice-wise 3D inference with box prompts, metrics, checkpoint objects and bundle helpers."""
 
+from samparser_monai.data.dataset_dir import (  # the bundle configs call them as samparser_monai.engines.<name>
+    DATASET_FORMATS,
+    INFERENCE_SPLITS,
+    bundle_datalists,
+    dataset_items,
+    dataset_label_names,
+    inference_datalist,
+)
 from samparser_monai.engines.batch import BatchEvaluator, BatchRun
 from samparser_monai.engines.checkpoint import TrainableState, require_checkpoint
 from samparser_monai.engines.coefficient_report import CoefficientMovementReport
 from samparser_monai.engines.embedding_cache import EmbeddingCache
 from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
-from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.engines.metrics import SliceDiceMetric
 from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, PromptResult, StopRule
-from samparser_monai.engines.prompts_3d import load_box_json
+from samparser_monai.engines.prompt_files import load_box_json
 from samparser_monai.engines.simulated_prompts import PROTOCOLS, SimulatedPromptInferer, simulate
 from samparser_monai.engines.slice_inference import (
     LabelBoxSliceInferer,
@@ -18,17 +25,8 @@ from samparser_monai.engines.slice_inference import (
     predict_volume,
 )
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
-from samparser_monai.engines.workflow import (
-    DATASET_FORMATS,
-    INFERENCE_SPLITS,
-    RunReport,
-    TimingReport,
-    bundle_datalists,
-    dataset_items,
-    dataset_label_names,
-    inference_datalist,
-    latest_checkpoint,
-)
+from samparser_monai.engines.workflow import RunReport, TimingReport, latest_checkpoint
+from samparser_monai.process import retain_freed_host_memory
 
 __all__ = [
     "BatchEvaluator",

@@ -30,7 +30,7 @@ from torch import nn
 
 from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.sam import plain_tensor
-from samparser_monai.transforms.prompts import mask_to_box
+from samparser_monai.transforms.box_prompts import mask_to_box
 
 __all__ = ["ObjectPrompt", "PromptEngine", "PromptResult", "StopRule", "add_stop_rule_arguments", "stop_rule_from_args"]
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, StopRule
 from samparser_monai.engines.slice_inference import label_box_prompts, predict_volume
-from samparser_monai.transforms.prompts import mask_to_box
+from samparser_monai.transforms.box_prompts import mask_to_box
 
 __all__ = ["PROTOCOLS", "SimulatedPromptInferer", "SimulatedRun", "interior_point", "simulate"]
 

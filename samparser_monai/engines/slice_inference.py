@@ -12,18 +12,14 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
+from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.sam import plain_tensor
-from samparser_monai.transforms.prompts import jitter_box, mask_to_box
+from samparser_monai.transforms.box_prompts import jitter_box, mask_to_box
 
 __all__ = ["LabelBoxSliceInferer", "SlicePrompts", "label_box_prompts", "predict_volume"]
 
 #: Prompts of one volume: slice index -> list of (label id, box (x0, y0, x1, y1) in that slice's pixels).
 SlicePrompts = dict[int, list[tuple[int, torch.Tensor]]]
-
-
-def _unwrap(network: nn.Module) -> nn.Module:
-    """The SamParser inside a DistributedDataParallel / DataParallel wrapper."""
-    return network.module if hasattr(network, "module") and hasattr(network.module, "encode") else network
 
 
 def label_box_prompts(
@@ -42,7 +38,7 @@ def label_box_prompts(
         axis: spatial axis of the slices.
         labels: label ids to prompt (default: every non-zero id present).
         min_pixels: least voxels of a label on a slice for it to get a box.
-        jitter: box jitter (see :func:`~samparser_monai.transforms.prompts.jitter_box`); 0 gives tight boxes.
+        jitter: box jitter (see :func:`~samparser_monai.transforms.box_prompts.jitter_box`); 0 gives tight boxes.
         jitter_mode: ``"fraction"`` of the box size or ``"pixels"``.
         seed: seed of the jitter (same seed, same boxes).
     """
@@ -85,7 +81,7 @@ def predict_volume(
         ``X x Y x Z`` int64 label map: where several boxes of a slice claim a voxel, the highest logit wins; voxels
         no box claims (logit <= 0) are background.
     """
-    model = _unwrap(network)
+    model = unwrap_model(network)
     image = plain_tensor(torch.as_tensor(image))  # slices need no metadata
     device = next(model.parameters()).device
     out = torch.zeros(image.shape[1:], dtype=torch.int64)

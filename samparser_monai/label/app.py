@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 from samparser_monai import __version__
-from samparser_monai.engines.host_memory import retain_freed_host_memory
 from samparser_monai.label._monailabel import HTTPException, MONAILabelApp
 from samparser_monai.label.config import LabelConfig
 from samparser_monai.label.http_errors import install_request_error_handlers
 from samparser_monai.label.infer import SamParserInferTask
 from samparser_monai.label.model import LiveModel
-from samparser_monai.label.train import SamParserTrainTask
+from samparser_monai.label.train_task import SamParserTrainTask
+from samparser_monai.process import retain_freed_host_memory
 
 __all__ = ["MODEL_NAME", "SamParserLabelApp"]
 

@@ -20,8 +20,8 @@ from samparser_monai.label._monailabel import HTTPException, InferTask, InferTyp
 from samparser_monai.label.config import LabelConfig
 from samparser_monai.label.geometry import read_geometry
 from samparser_monai.label.model import LiveModel
-from samparser_monai.label.prompts import RequestError, plan_prompts
 from samparser_monai.label.refine import refine_file
+from samparser_monai.label.requests import RequestError, plan_prompts
 
 #: The app's propagation rule: its click boxes are loose (``click_box_mm``) and every result is clipped to the
 #: request's bounds (``PromptPlan.keep``), so it propagates with a margin and stops late, as measured in its server
@@ -38,7 +38,7 @@ class SamParserInferTask(InferTask):
 
     Request parameters: ``roi`` (``[i0, i1, j0, j1, k0, k1]``), ``foreground`` and ``background`` clicks
     (``[[i, j, k], ...]``), optional ``label`` (segment name, echoed) and ``click_box_mm``; all in voxel indices of
-    the stored image. See :mod:`samparser_monai.label.prompts` for how they become prompts. Bad prompts are answered
+    the stored image. See :mod:`samparser_monai.label.requests` for how they become prompts. Bad prompts are answered
     with HTTP 400 and one sentence; a result file (NIfTI, value 1 on the object) has the image's shape and affine.
 
     Args:

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from samparser_monai.label.prompts import PromptPlan
+from samparser_monai.label.requests import PromptPlan
 
 __all__ = ["refine_file", "refine_mask"]
 

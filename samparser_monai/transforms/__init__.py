@@ -1,6 +1,14 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
 """Transforms: intensity presets to [0, 1], box prompts from label maps, and SAM's resize-longest-side + pad."""
 
+from samparser_monai.transforms.box_prompts import (
+    BOX_MODES,
+    USER_BOXES,
+    BoxPromptd,
+    UserBoxPromptd,
+    jitter_box,
+    mask_to_box,
+)
 from samparser_monai.transforms.checks import CheckVolumePaird, ReplaceNonFinited
 from samparser_monai.transforms.intensity import (
     CT_WINDOWS,
@@ -15,14 +23,6 @@ from samparser_monai.transforms.pipelines import (
     image_2d_transforms,
     slice_transforms,
     volume_transforms,
-)
-from samparser_monai.transforms.prompts import (
-    BOX_MODES,
-    USER_BOXES,
-    BoxPromptd,
-    UserBoxPromptd,
-    jitter_box,
-    mask_to_box,
 )
 from samparser_monai.transforms.spatial import (
     RESIZE_MODES,

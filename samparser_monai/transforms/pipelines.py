@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from monai.data import ImageReader
 from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, ScaleIntensityRanged
 
+from samparser_monai.transforms.box_prompts import BoxPromptd, UserBoxPromptd
 from samparser_monai.transforms.checks import CheckVolumePaird, ReplaceNonFinited
 from samparser_monai.transforms.intensity import IntensityPresetd
-from samparser_monai.transforms.prompts import BoxPromptd, UserBoxPromptd
 from samparser_monai.transforms.spatial import ResizeLongestPadd
 
 __all__ = ["BOX_PROTOCOLS", "image_2d_transforms", "slice_transforms", "volume_transforms"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from conftest import CONFIGS, ROOT
 
-from samparser_monai.engines.comparison import ZERO_SHOT, Budget, compare_methods, run_bundle, summarise_metrics
+from samparser_monai.benchmarks.comparison import ZERO_SHOT, Budget, compare_methods, run_bundle, summarise_metrics
 from samparser_monai.networks.trunk_cache import TrunkFeatureCache
 
 BUDGET = Budget(epochs=1, samples_per_epoch=2, batch_size=2, val_cases=1)

@@ -4,6 +4,8 @@ one sentence."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -13,7 +15,7 @@ from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import OnnxImageEncoder, use_runtime
 
 pytest.importorskip("onnxruntime", reason="the cpu extra (onnxruntime) is not installed")
-from conftest import SHARED_DATA as CONFTEST_DATA  # noqa: E402
+CONFTEST_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _dice(a: torch.Tensor, b: torch.Tensor) -> float:

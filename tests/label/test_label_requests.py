@@ -7,10 +7,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from samparser_monai.engines.prompts_3d import box_to_oriented_voxels
+from samparser_monai.engines.prompt_files import box_to_oriented_voxels
 from samparser_monai.label.geometry import ImageGeometry, read_geometry
-from samparser_monai.label.prompts import PromptPlan, RequestError, parse_roi, plan_prompts
 from samparser_monai.label.refine import refine_file, refine_mask
+from samparser_monai.label.requests import PromptPlan, RequestError, parse_roi, plan_prompts
 
 RAS = ImageGeometry((30, 40, 20), np.diag([1.0, 1.0, 2.0, 1.0]))
 # stored as (S, A, R) with flips: the stored I axis is the oriented slicing axis (superior-inferior)

@@ -14,7 +14,7 @@ from torch import nn
 
 from samparser_monai.engines import label_box_prompts
 from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, StopRule
-from samparser_monai.engines.prompts_3d import json_box_prompts, json_object_prompts, load_box_json
+from samparser_monai.engines.prompt_files import json_box_prompts, json_object_prompts, load_box_json
 from samparser_monai.transforms import volume_transforms
 
 # a permuted, flipped, anisotropic, shifted grid: stored axes (i, j, k) run along (-y, x, z) in RAS

@@ -8,13 +8,13 @@ import sys
 
 import pytest
 
-from samparser_monai.engines.host_memory import _glibc, retain_freed_host_memory
+from samparser_monai.process import _glibc, retain_freed_host_memory
 
 # Allocates, writes and frees a 64 MiB tensor 10 times, as a training step does its activations, and prints the minor
 # page faults of the last round (glibc settles on reusable blocks within a few rounds).
 _PROBE = """
 import resource, sys, torch
-from samparser_monai.engines.host_memory import retain_freed_host_memory
+from samparser_monai.process import retain_freed_host_memory
 print(retain_freed_host_memory(sys.argv[1] == "1"))
 for _ in range(10):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
