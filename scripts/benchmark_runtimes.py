@@ -9,7 +9,8 @@ data:
 - ``case``: seconds per 3D case with label prompts through :class:`~samparser_monai.engines.VolumeSegmenter`, as
   ``samparser-infer`` runs it, with the Dice against the reference and the agreement (Dice) with torch's label map;
 - ``label_first`` / ``label_second``: a MONAI Label request in-process (the app's infer task): an ROI on an image
-  not seen before, then a click on the same image (its embeddings cached by the first).
+  not seen before, then the same ROI with a corrective click, as a client refines a result (the embeddings of the
+  first are cached).
 
 The runtimes alternate inside every measurement, so another job on the machine slows them alike; the ratios are what
 to read. Writes ``runtimes.csv`` (one row per measurement) and ``runtimes.md`` (the table, with the core count).
@@ -121,7 +122,7 @@ def time_label_requests(runtimes: list[str], image: str, threads: int) -> list[d
         task.model.current()  # load (and export once) before timing: the server does it at its first request
         for measure, request in (
             ("label_first", {"image": image, "roi": roi}),
-            ("label_second", {"image": image, "foreground": [[int(i), int(j), largest]]}),
+            ("label_second", {"image": image, "roi": roi, "foreground": [[int(i), int(j), largest]]}),
         ):
             start = time.perf_counter()
             result, params = task(dict(request))
