@@ -231,7 +231,12 @@ def json_object_prompts(
             )
         elif source == "key":
             key = int(round(float(np.mean(z_range))))
-            objects.append(ObjectPrompt(label, key, box))
+            if "roi" in entry:  # a 3D box the propagation must stay within (a client's ROI around its click)
+                limits = checked_bounds({**entry, "box": entry["roi"]}, original_affine, oriented_affine, shape, axis)
+                z_range = (int(np.ceil(limits[0, axis])), int(np.floor(limits[1, axis])))
+                objects.append(ObjectPrompt(label, key, box, z_range=z_range, clip=plane_box(limits, axis)))
+            else:
+                objects.append(ObjectPrompt(label, key, box))
         else:
             centre = (z_range[0] + z_range[1]) // 2
             objects.append(ObjectPrompt(label, centre, box, z_range=z_range, clip=clip))

@@ -258,7 +258,8 @@ def _click_plan(
             bounds = np.clip(np.stack([clicks.min(axis=0) - half, clicks.max(axis=0) + half], axis=1), 0, last[:, None])
         bounds[through] = key
         entries.append(_entry(bounds))
-    if spans_slices:
+    if spans_slices:  # propagation stays within the ROI: nothing outside it is encoded or kept
+        entries = [{**entry, "roi": _entry(roi)["box"]} for entry in entries]
         return PromptPlan("propagate", entries, roi, background)
     boxes = np.asarray([e["box"] for e in entries]).reshape(-1, 2, 3)
     union = np.stack([boxes[:, 0].min(axis=0), boxes[:, 1].max(axis=0)], axis=1)

@@ -46,6 +46,8 @@ def test_a_second_prompt_on_the_same_image_runs_only_the_decoder(tmp_path):
     assert second_params["encoded_slices"] == 0 and second_params["cached_slices"] == first_params["encoded_slices"]
     assert np.array_equal(_mask(first), _mask(second)), "cached embeddings give the same mask"
     assert 0 < task.embeddings.nbytes <= 64 << 20
+    _, refined = task({**request, "foreground": [[15, 12, 4]]})  # a corrective click inside the ROI
+    assert refined["encoded_slices"] == 0, "propagation from the click stays within the ROI's cached slices"
 
     checkpoint = tmp_path / "model.pt"  # a training run publishes new weights: nothing cached is used for them
     trained = SamParser("tiny", coefficients="paper", trainable="parser")
