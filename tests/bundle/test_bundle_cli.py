@@ -29,6 +29,7 @@ def _flags(overrides: dict) -> list[str]:
     return [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not SCHEMA.is_file(), reason=f"bundle schema not found at {SCHEMA} (../shared/schemas)")
 def test_verify_metadata_offline():
     result = _bundle("verify_metadata", "--meta_file", str(CONFIGS / "metadata.json"), "--filepath", str(SCHEMA))
@@ -36,6 +37,7 @@ def test_verify_metadata_offline():
     assert "metadata is verified with no error" in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_verify_net_in_out_with_a_box():
     result = _bundle(
         "verify_net_in_out",
@@ -74,6 +76,7 @@ def test_method_presets_layer_onto_the_bundle(preset, expected):
     assert forms == (set() if expected["coefficients"] is None else {"official" if "official" in preset else "auto"})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vit_b", "vit_l", "vit_h"])
 def test_vit_presets_need_their_checkpoint(backbone, tmp_path):
     from monai.bundle import ConfigParser
@@ -90,6 +93,7 @@ def test_vit_presets_need_their_checkpoint(backbone, tmp_path):
     assert isinstance(root, FileNotFoundError) and f"pass the path of a {backbone} checkpoint" in str(root)
 
 
+@pytest.mark.slow
 def test_2d_folder_preset_trains(tmp_path):
     data = ROOT.parent / "shared" / "data" / "kvasir_seg_sample"
     if not data.is_dir():
@@ -151,6 +155,7 @@ def test_readme_main_command_shortened(tmp_path):
     assert (tmp_path / "bundle" / "models" / "model.pt").is_file()
 
 
+@pytest.mark.slow
 def test_tracking_mlflow(tmp_path, small_dataset):
     pytest.importorskip("mlflow", reason="mlflow is not installed (pip install -e '.[test]' brings it)")
     overrides = tiny_overrides(tmp_path, small_dataset)

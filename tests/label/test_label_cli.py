@@ -17,6 +17,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_help_names_the_defaults():
     result = _cli("--help")
     assert result.returncode == 0

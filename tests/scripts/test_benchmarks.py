@@ -18,6 +18,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_benchmark_layers_smoke_run_writes_the_table(tmp_path):
     out = tmp_path / "table.md"
     result = _run("--shapes", "neck.0", "--tokens", "256", "--repeats", "1", "--warmup", "0", "--output", str(out))
@@ -27,6 +28,7 @@ def test_benchmark_layers_smoke_run_writes_the_table(tmp_path):
     assert "official factored" in table and "ours (eval)" in table and "merged" in table
 
 
+@pytest.mark.slow
 def test_benchmark_layers_help_and_bad_selection():
     assert _run("--help").returncode == 0
     result = _run("--shapes", "nope")
@@ -34,6 +36,7 @@ def test_benchmark_layers_help_and_bad_selection():
     assert "matches no layer" in result.stderr
 
 
+@pytest.mark.slow
 def test_trunk_cache_benchmark_smoke_run():
     script = SCRIPT.parent / "benchmark_trunk_cache.py"
     args = ["--backbone", "tiny", "--slices", "4", "--epochs", "2"]
@@ -42,6 +45,7 @@ def test_trunk_cache_benchmark_smoke_run():
     assert "| 2 |" in result.stdout and "largest loss difference between the runs: 0.00e+00" in result.stdout
 
 
+@pytest.mark.slow
 def test_trunk_cache_breakdown_times_each_part_and_counts_operator_calls():
     script = SCRIPT.parent / "benchmark_trunk_cache.py"
     result = subprocess.run([sys.executable, str(script), "--backbone", "tiny", "--breakdown"], capture_output=True,
@@ -55,6 +59,7 @@ def test_trunk_cache_breakdown_times_each_part_and_counts_operator_calls():
     assert re.search(r"cached step, plain batch: \d\.\d{4} s; MetaTensor batch: \d\.\d{4} s", result.stdout)
 
 
+@pytest.mark.slow
 def test_method_benchmark_smoke_run(tmp_path):
     pytest.importorskip("peft", reason="the lora method needs the lora extra (peft)")
     script = SCRIPT.parent / "benchmark.py"
@@ -71,6 +76,7 @@ def test_method_benchmark_smoke_run(tmp_path):
     assert rows["full+checkpointing+bf16"].split("|")[3] == rows["full"].split("|")[3], "same trainable total"
 
 
+@pytest.mark.slow
 def test_method_benchmark_refuses_bad_input_in_one_sentence(tmp_path):
     script = SCRIPT.parent / "benchmark.py"
     run = [sys.executable, str(script), "--backbone", "tiny", "--output-dir", str(tmp_path)]
@@ -81,6 +87,7 @@ def test_method_benchmark_refuses_bad_input_in_one_sentence(tmp_path):
     assert result.returncode == 1 and f"dataset '{missing}' does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_method_benchmark_accuracy_half_writes_one_runs_rows(tmp_path):
     """Run twice into the same folder: the table, CSV and plot hold the last run only (zero-shot + the method)."""
     from samparser_monai.data import make_demo_dataset
@@ -102,6 +109,7 @@ def test_method_benchmark_accuracy_half_writes_one_runs_rows(tmp_path):
     assert re.search(r"\| decoder_only \|.* \| \d+\.\d \| \d+\.\d \|", table), "training step and data wait"
 
 
+@pytest.mark.slow
 def test_method_benchmark_resume_runs_only_what_is_missing(tmp_path):
     """A run cut off after some methods goes on with ``--resume``: finished methods are kept as they were (their
     timings too), the rest run; other settings are refused in one sentence and the earlier rows are kept."""
@@ -152,6 +160,7 @@ def test_resume_reruns_a_method_cut_off_between_its_rows(tmp_path):
         benchmark.kept_rows(tmp_path, settings)
 
 
+@pytest.mark.slow
 def test_host_memory_benchmark_compares_both_settings_with_equal_losses():
     script = SCRIPT.parent / "benchmark_host_memory.py"
     args = ["--backbone", "tiny", "--steps", "2", "--warmup", "1"]
@@ -168,6 +177,7 @@ def test_host_memory_benchmark_compares_both_settings_with_equal_losses():
     assert refused.returncode == 1 and "--steps must be more than --warmup" in refused.stderr
 
 
+@pytest.mark.slow
 def test_coefficient_sweep_records_dice_and_movement_and_resumes(tmp_path):
     """Two runs of the sweep into one folder: the second (--resume, one more learning rate) adds only that run."""
     from samparser_monai.data import make_demo_dataset
@@ -196,6 +206,7 @@ def test_coefficient_sweep_records_dice_and_movement_and_resumes(tmp_path):
     assert missing.returncode == 1 and "does not exist" in missing.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
     from samparser_monai.data import make_demo_dataset
 

@@ -55,6 +55,7 @@ def tuned_tiny(tmp_path_factory) -> tuple[SamParser, Path, SamParser]:
     return model, Path(path), copy.deepcopy(model).merge()
 
 
+@pytest.mark.slow
 def test_cli_exports_a_stock_tiny_checkpoint_with_the_merged_models_masks(tuned_tiny, tmp_path):
     model, state_path, merged_model = tuned_tiny
     result = _run("--checkpoint", str(state_path), "--backbone", "tiny", "--output-dir", str(tmp_path))
@@ -239,6 +240,7 @@ def test_a_file_that_is_not_a_coefficient_checkpoint_is_refused(tmp_path, capsys
     )
 
 
+@pytest.mark.slow
 def test_help_and_bad_arguments():
     result = _run("--help")
     assert result.returncode == 0

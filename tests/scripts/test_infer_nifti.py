@@ -81,6 +81,7 @@ def test_bad_cases_are_skipped_and_reported(tmp_path):
     assert written.shape == (30, 24, 12) and np.allclose(written.affine, AFFINE, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_voxel_and_world_json_boxes_give_the_same_label_map(tmp_path):
     image = _generated(tmp_path / "data", "case")
     corners = np.array([[8, 4, 3, 1], [14, 10, 8, 1]], np.float64) @ AFFINE.T
@@ -100,6 +101,7 @@ def test_voxel_and_world_json_boxes_give_the_same_label_map(tmp_path):
     assert maps["voxel"][:, :, :3].sum() == 0 and maps["voxel"][:, :, 9:].sum() == 0, "only slices the box spans"
 
 
+@pytest.mark.slow
 def test_output_folder_checked_before_any_work(tmp_path):
     image = _generated(tmp_path / "data", "case")
     blocker = tmp_path / "file"
@@ -159,6 +161,7 @@ def test_propagation_with_lite_medsam_covers_the_object(tmp_path):
     assert dice > 0.8, f"Dice {dice:.3f}"
 
 
+@pytest.mark.slow
 def test_prompt_files_are_checked_against_each_image_and_unmatched_ids_reported(tmp_path):
     """A box outside its image skips that case with the image's extent; case ids with no input are listed."""
     data = tmp_path / "data"
