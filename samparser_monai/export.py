@@ -17,7 +17,6 @@ import json
 import os
 import sys
 import tempfile
-import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from samparser_monai import __version__
+from samparser_monai.files import staging_path
 from samparser_monai.networks import (
     BACKBONES,
     SamParser,
@@ -178,11 +178,6 @@ def trace_merged(model: SamParser, path: str | os.PathLike | None = None) -> tup
     return traced, difference
 
 
-def _staging_path(target: Path) -> Path:
-    """A fresh hidden file name next to ``target`` (same file system, so the final rename is atomic)."""
-    return target.with_name(f".{target.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-
-
 def export_merged(
     checkpoint: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -261,7 +256,7 @@ def export_merged(
             )
         bar.update()
         bar.set_postfix_str(steps[3])
-        staged["stock"] = _staging_path(targets["stock"])
+        staged["stock"] = staging_path(targets["stock"])
         _write(staged["stock"], partial(torch.save, stock))
         del stock
         record: dict[str, Any] = {
@@ -290,7 +285,7 @@ def export_merged(
         bar.update()
         if torchscript:
             bar.set_postfix_str(steps[4])
-            staged["torchscript"] = _staging_path(targets["torchscript"])
+            staged["torchscript"] = staging_path(targets["torchscript"])
             _, difference = trace_merged(model, staged["torchscript"])
             record["torchscript"] = {
                 "file": targets["torchscript"].name,
@@ -301,7 +296,7 @@ def export_merged(
                 "check_max_abs_difference": difference,
             }
             bar.update()
-        staged["metadata"] = _staging_path(targets["metadata"])
+        staged["metadata"] = staging_path(targets["metadata"])
         text = json.dumps(record, indent=2) + "\n"
         _write(staged["metadata"], lambda target: Path(target).write_text(text, encoding="utf-8"))
         for key in ("stock", "torchscript", "metadata"):

@@ -17,7 +17,6 @@ import csv
 import glob
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -26,6 +25,7 @@ from ignite.engine import Engine
 
 from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.volume_inference import CaseOutcome, VolumeSegmenter
+from samparser_monai.files import staged_file
 
 __all__ = [
     "RUN_FILES",
@@ -48,20 +48,10 @@ def output_path(output_dir: str | os.PathLike, item: Mapping) -> str:
 
 def write_csv_atomic(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]], fields: Sequence[str]) -> None:
     """Write ``rows`` to ``path`` through a temporary file in the same folder, renamed into place when complete."""
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, partial = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".csv")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o666 & ~umask)  # mkstemp's 0600 would hide the summary from the user's group
-    try:
-        with os.fdopen(descriptor, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with staged_file(path) as partial, open(partial, "x", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _nearest_existing(path: str) -> str:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +23,7 @@ from samparser_monai.engines.prompt_engine import PromptEngine, StopRule
 from samparser_monai.engines.prompt_files import OBJECT_SOURCES, json_box_prompts, json_object_prompts
 from samparser_monai.engines.slice_inference import SlicePrompts, label_box_prompts, predict_volume
 from samparser_monai.errors import root_message
+from samparser_monai.files import staged_file
 from samparser_monai.transforms.checks import NONFINITE_KEY
 from samparser_monai.transforms.pipelines import volume_transforms
 
@@ -198,13 +198,7 @@ class VolumeSegmenter:
         inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(
             {"image": image, "pred": pred}
         )["pred"]
-        os.makedirs(self.output_dir, exist_ok=True)
         target = os.path.join(self.output_dir, f"{name}_seg.nii.gz")
-        partial = os.path.join(self.output_dir, f".partial-{uuid.uuid4().hex[:8]}-{name}_seg")
-        try:
+        with staged_file(target, suffix=".nii.gz") as partial:
             self.saver(inverted, filename=partial)  # SaveImage appends the extension
-            os.replace(partial + ".nii.gz", target)
-        finally:
-            if os.path.exists(partial + ".nii.gz"):
-                os.remove(partial + ".nii.gz")
         return target

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ from monai.transforms import LoadImage
 
 from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.workflow import latest_checkpoint
+from samparser_monai.files import staged_file
 from samparser_monai.label.config import LabelConfig
 from samparser_monai.networks.artefacts import read_coefficient_checkpoint
 from samparser_monai.networks.param_groups import DEFAULT_COEFFICIENT_LEARNING_RATE
@@ -86,11 +86,8 @@ def publish_checkpoint(checkpoint: str | os.PathLike, target: str | os.PathLike)
     """
     state = read_coefficient_checkpoint(checkpoint)
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=target.parent, suffix=".partial")
-    os.close(handle)
-    torch.save(state, partial)
-    os.replace(partial, target)
+    with staged_file(target) as partial:
+        torch.save(state, partial)
     return target
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import numpy as np
 import torch
 from monai.utils import optional_import
 from torch import nn
+
+from samparser_monai.files import staged_file
 
 __all__ = [
     "RUNTIMES",
@@ -115,24 +116,13 @@ def export_image_encoder(encoder: nn.Module, path: str | os.PathLike, image_size
     if not optional_import("onnx")[1]:
         raise ImportError(_MISSING)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".onnx")
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(partial, 0o666 & ~umask)  # shared like any other file of the folder, not mkstemp's 0600
     example = torch.zeros(1, 3, image_size, image_size)
-    try:
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")  # the tracer's notes on shapes it freezes (the batch of one is intended)
-            torch.onnx.export(
-                encoder.eval(), (example,), partial, input_names=["image"], output_names=["embedding"],
-                opset_version=17, dynamo=False,
-            )  # fmt: skip
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    with staged_file(path) as partial, warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on shapes it freezes (the batch of one is intended)
+        torch.onnx.export(
+            encoder.eval(), (example,), partial, input_names=["image"], output_names=["embedding"],
+            opset_version=17, dynamo=False,
+        )  # fmt: skip
     return path
 
 
