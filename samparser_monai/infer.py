@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         overwrite=args.overwrite,
         extra_metrics={"prompt": args.prompt, "jitter": args.jitter},
     )
-    batch.check(items)
-    batch.run(items)
+    batch.run(items)  # the output folder was checked above, before the model was loaded
     return batch.finish()
 
 

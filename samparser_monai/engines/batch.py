@@ -183,7 +183,9 @@ class BatchRun:
         """Segment every item, with a progress bar; returns the outcomes."""
         from tqdm import tqdm
 
-        for item in tqdm(list(items), desc="segmenting", unit="case", disable=not progress):
+        items = list(items)
+        self._items = self._items or items
+        for item in tqdm(items, desc="segmenting", unit="case", disable=not progress):
             self.segment(item)
         return self.outcomes
 
