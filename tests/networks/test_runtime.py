@@ -1,6 +1,6 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
-"""Inference runtimes: onnxruntime gives PyTorch's masks, its export is cached per weights, and a missing package is
-one sentence."""
+"""Inference runtimes: the prepared PyTorch encoder and onnxruntime give eager PyTorch's masks, the export is cached
+per weights, and a missing package is one sentence."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 
 from samparser_monai.networks import runtime
 from samparser_monai.networks.artefacts import merged_model
-from samparser_monai.networks.runtime import OnnxImageEncoder, use_runtime
+from samparser_monai.networks.runtime import OnnxImageEncoder, TorchImageEncoder, fuse_conv_batchnorm, use_runtime
 
 pytest.importorskip("onnxruntime", reason="the cpu extra (onnxruntime) is not installed")
 CONFTEST_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -20,6 +20,46 @@ CONFTEST_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 def _dice(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(2 * (a & b).sum() / max(int(a.sum() + b.sum()), 1))
+
+
+def test_folded_batch_norms_compute_what_conv_and_norm_computed():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.GELU()
+    )
+    norm = block[1]
+    norm.running_mean.uniform_(-1, 1), norm.running_var.uniform_(0.5, 2), norm.weight.data.uniform_(0.5, 2)
+    outer = torch.nn.Sequential(block, torch.nn.BatchNorm2d(8)).eval()  # a norm after a non-conv stays
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        expected = outer(x)
+        assert fuse_conv_batchnorm(outer) == 1
+        got = outer(x)
+    assert isinstance(block[1], torch.nn.Identity) and isinstance(outer[1], torch.nn.BatchNorm2d)
+    assert torch.allclose(got, expected, atol=1e-5)
+    training = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8)).train()
+    assert fuse_conv_batchnorm(training) == 0, "a norm in training mode uses batch statistics: never folded"
+
+
+def test_prepared_torch_encoder_gives_the_eager_embeddings_and_masks():
+    image = torch.rand(3, 1, 40, 52)
+    box = torch.tensor([[[5.0, 6.0, 30.0, 28.0]], [[10.0, 3.0, 45.0, 35.0]], [[0.0, 0.0, 52.0, 40.0]]])
+    reference = merged_model("tiny").eval()
+    with torch.inference_mode():
+        expected = reference(image, box)
+        embeddings = reference.encode(image)
+    model = use_runtime(merged_model("tiny").eval(), "torch")
+    assert isinstance(model.image_encoder, TorchImageEncoder)
+    assert use_runtime(model, "torch") is model and isinstance(model.image_encoder, TorchImageEncoder), "idempotent"
+    with torch.inference_mode():
+        got = model(image, box)
+        got_embeddings = model.encode(image)
+    assert got_embeddings.is_contiguous() and got_embeddings.shape == embeddings.shape
+    assert torch.allclose(got_embeddings, embeddings, atol=1e-5)
+    assert torch.allclose(got, expected, atol=1e-4)
+    assert use_runtime(merged_model("tiny").eval(), "eager").image_encoder.__class__.__name__ != "TorchImageEncoder"
+    with pytest.raises(ValueError, match="already runs in another runtime"):
+        use_runtime(model, "onnxruntime")
 
 
 def test_onnxruntime_encoder_matches_torch_and_is_exported_once_per_weights(tmp_path):
@@ -55,7 +95,8 @@ def test_a_missing_runtime_package_is_one_sentence(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CONFTEST_DATA.is_dir(), reason=f"real data not found at {CONFTEST_DATA}")
-def test_onnxruntime_masks_match_torch_on_a_real_lite_medsam_slice(tmp_path):
+@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+def test_runtime_masks_match_eager_torch_on_a_real_lite_medsam_slice(tmp_path, name):
     import nibabel as nib
 
     case = CONFTEST_DATA / "msd_hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
@@ -69,6 +110,8 @@ def test_onnxruntime_masks_match_torch_on_a_real_lite_medsam_slice(tmp_path):
     image = torch.from_numpy(plane)[None, None]
     with torch.inference_mode():
         expected = merged_model("lite_medsam").eval()(image, box) > 0
-        model = use_runtime(merged_model("lite_medsam").eval(), "onnxruntime", cache_dir=tmp_path)
+        model = use_runtime(merged_model("lite_medsam").eval(), name, cache_dir=tmp_path)
+        if name == "torch":
+            assert model.image_encoder.fused > 0, "LiteMedSAM's TinyViT has conv + batch norm pairs to fold"
         got = model(image, box) > 0
     assert expected.any() and _dice(got, expected) >= 0.99
