@@ -9,6 +9,9 @@ are cheap:
   folded into its weights, channels-last memory (oneDNN's native layout: no reorder around every convolution) and,
   on the CPU, one image at a time (LiteMedSAM's activations at batch 8 outgrow the CPU caches: 2.5 s an image against
   1.0 s). The same embeddings as ``eager`` up to float rounding (relative difference ~1e-6).
+- ``torch-bf16``: the same in bfloat16 autocast, for CPUs with native bfloat16 (``avx512_bf16`` or AMX: recent
+  AMD and Intel server and some laptop parts); embeddings differ by a few percent, so check the masks on your data
+  (docs/benchmarks.md has the Dice against fp32). Elsewhere it is emulated and slower: a warning says so.
 - ``eager``: the network exactly as built (PyTorch eager fp32 in the caller's batches), the reference.
 - ``onnxruntime``: the encoder exported to ONNX and run by an onnxruntime session.
 
@@ -41,6 +44,7 @@ __all__ = [
     "default_cache_dir",
     "encoder_fingerprint",
     "fuse_conv_batchnorm",
+    "native_bfloat16",
     "runtime_cache_dir",
     "set_threads",
     "use_runtime",
@@ -49,7 +53,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: ``--runtime`` choices: PyTorch prepared for inference (default), PyTorch as built, or onnxruntime (``cpu`` extra)
-RUNTIMES = ("torch", "eager", "onnxruntime")
+RUNTIMES = ("torch", "torch-bf16", "eager", "onnxruntime")
 
 _MISSING = (
     "--runtime onnxruntime needs the onnxruntime and onnx packages, which are not installed: pip install "
@@ -122,22 +126,35 @@ class TorchImageEncoder(nn.Module):
     Args:
         encoder: the image encoder of a merged model, in eval mode (changed in place).
         cpu_batch: images per forward on the CPU.
+        autocast_dtype: run under ``torch.autocast`` in this dtype (``torch.bfloat16``); the embeddings come back
+            in the input's dtype. None: fp32.
     """
 
-    def __init__(self, encoder: nn.Module, cpu_batch: int = 1) -> None:
+    def __init__(self, encoder: nn.Module, cpu_batch: int = 1, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.fused = fuse_conv_batchnorm(encoder.eval())
         self.encoder = encoder.to(memory_format=torch.channels_last)
         self.cpu_batch = cpu_batch
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``x`` (``B x 3 x S x S``, preprocessed), contiguous as the wrapped encoder returns them."""
         step = self.cpu_batch if x.device.type == "cpu" else x.shape[0]
-        out = [
-            self.encoder(x[i : i + step].contiguous(memory_format=torch.channels_last)).contiguous()
-            for i in range(0, x.shape[0], step)
-        ]
-        return out[0] if len(out) == 1 else torch.cat(out)
+        out = []
+        with torch.autocast(x.device.type, self.autocast_dtype or torch.bfloat16, self.autocast_dtype is not None):
+            for i in range(0, x.shape[0], step):
+                out.append(self.encoder(x[i : i + step].contiguous(memory_format=torch.channels_last)).contiguous())
+        out = out[0] if len(out) == 1 else torch.cat(out)
+        return out.to(x.dtype)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo; Linux x86)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 class OnnxImageEncoder(nn.Module):
@@ -169,7 +186,13 @@ class OnnxImageEncoder(nn.Module):
         return torch.from_numpy(np.concatenate(out)).to(x.device)
 
 
-_PREPARED = (TorchImageEncoder, OnnxImageEncoder)
+def _runtime_of(encoder: nn.Module) -> str | None:
+    """The runtime an encoder was prepared for by :func:`use_runtime`, None for one as built."""
+    if isinstance(encoder, OnnxImageEncoder):
+        return "onnxruntime"
+    if isinstance(encoder, TorchImageEncoder):
+        return "torch" if encoder.autocast_dtype is None else "torch-bf16"
+    return None
 
 
 def export_image_encoder(encoder: nn.Module, path: str | os.PathLike, image_size: int) -> Path:
@@ -206,17 +229,21 @@ def use_runtime(
     if runtime not in RUNTIMES:
         raise ValueError(f"Unknown runtime {runtime!r}; use one of {list(RUNTIMES)}.")
     threads = set_threads(threads)
-    current = model.image_encoder
-    prepared = {"eager": nn.Module, "torch": TorchImageEncoder, "onnxruntime": OnnxImageEncoder}[runtime]
-    if isinstance(current, prepared) and (runtime != "eager" or not isinstance(current, _PREPARED)):
+    current = _runtime_of(model.image_encoder)
+    if current == runtime or (current is None and runtime == "eager"):
         return model
-    if isinstance(current, _PREPARED):
+    if current is not None:
         raise ValueError(
-            f"This model's image encoder already runs in another runtime ({type(current).__name__}); build the "
-            f"model again for runtime {runtime!r}."
+            f"This model's image encoder already runs in runtime {current!r}; build the model again for {runtime!r}."
         )
     if runtime == "torch":
         model.image_encoder = TorchImageEncoder(model.image_encoder)
+        return model
+    if runtime == "torch-bf16":
+        if not native_bfloat16() and next(model.parameters()).device.type == "cpu":
+            logger.warning("this CPU has no native bfloat16 (avx512_bf16 or AMX): --runtime torch-bf16 will be slower "
+                           "than --runtime torch here")  # fmt: skip
+        model.image_encoder = TorchImageEncoder(model.image_encoder, autocast_dtype=torch.bfloat16)
         return model
     if not optional_import("onnxruntime")[1]:
         raise ImportError(_MISSING)

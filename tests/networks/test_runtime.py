@@ -58,8 +58,19 @@ def test_prepared_torch_encoder_gives_the_eager_embeddings_and_masks():
     assert torch.allclose(got_embeddings, embeddings, atol=1e-5)
     assert torch.allclose(got, expected, atol=1e-4)
     assert use_runtime(merged_model("tiny").eval(), "eager").image_encoder.__class__.__name__ != "TorchImageEncoder"
-    with pytest.raises(ValueError, match="already runs in another runtime"):
-        use_runtime(model, "onnxruntime")
+    for other in ("onnxruntime", "torch-bf16"):
+        with pytest.raises(ValueError, match=f"already runs in runtime 'torch'; build the model again for '{other}'"):
+            use_runtime(model, other)
+
+
+def test_bfloat16_runtime_returns_fp32_embeddings_close_to_eager():
+    image = torch.rand(2, 1, 40, 52)
+    with torch.inference_mode():
+        expected = merged_model("tiny").eval().encode(image)
+        got = use_runtime(merged_model("tiny").eval(), "torch-bf16").encode(image)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    error = float((got - expected).norm() / expected.norm())
+    assert 0 < error < 0.05, error
 
 
 def test_onnxruntime_encoder_matches_torch_and_is_exported_once_per_weights(tmp_path):
