@@ -112,8 +112,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         "--runtime",
         choices=RUNTIMES,
         default="torch",
-        help="image encoder runtime (default torch); onnxruntime: 1.2-1.5x faster on a 2-core CPU with the same "
-        "masks, exported once per checkpoint next to it (needs the cpu extra)",
+        help="image encoder runtime. torch (default): PyTorch prepared for inference (batch norms folded, "
+        "channels-last, one slice at a time on the CPU); onnxruntime: the encoder exported once per checkpoint next "
+        "to it, the fastest on a 2-core CPU with the same masks (the cpu extra); torch-bf16: bfloat16, for CPUs with "
+        "native bfloat16 (masks differ slightly); eager: the network as built (the reference). Measured in "
+        "docs/benchmarks.md",
     )
     parser.add_argument("--threads", type=int, default=0, help="intra-op CPU threads (default 0: every core)")
     parser.add_argument("--release-host-memory", action="store_true",

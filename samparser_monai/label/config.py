@@ -40,8 +40,8 @@ CONF_KEYS = {
     "click_box_mm": f"side of the box grown around clicks, in mm (default {DEFAULT_CLICK_BOX_MM:g})",
     "retain_host_memory": "true (default): keep freed host memory for the next request (a CPU forward about 2x "
     "faster, the peak host memory kept); false: return it to the system",
-    "runtime": "image encoder runtime: torch (default) or onnxruntime (1.2-1.5x faster on a 2-core CPU, same "
-    "masks; the cpu extra)",
+    "runtime": "image encoder runtime: torch (default, prepared for inference), onnxruntime (the fastest on a "
+    "2-core CPU, same masks; the cpu extra), torch-bf16 (CPUs with native bfloat16) or eager (as built)",
     "threads": "intra-op CPU threads of inference (default 0: every core)",
     "embedding_cache_mb": f"memory for slice embeddings kept between requests on an image (default "
     f"{DEFAULT_EMBEDDING_CACHE_MB:g}; 0: none): a second prompt on the same image then runs only the decoder",

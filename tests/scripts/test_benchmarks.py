@@ -251,3 +251,21 @@ def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
     old.write_text(lines[0].rsplit(",", 1)[0] + "\n")
     refused = subprocess.run([sys.executable, str(script), str(old)], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "has no in_reference column" in refused.stderr
+
+
+def test_runtime_table_reads_speed_ups_against_the_first_runtime(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmark_runtimes", SCRIPT.parent / "benchmark_runtimes.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = [
+        {"measure": "encoder", "runtime": "eager", "seconds": 2.0},
+        {"measure": "encoder", "runtime": "torch", "seconds": 0.5},
+        {"measure": "case", "runtime": "eager", "seconds": 30.0, "dice": 0.8, "agreement": 1.0},
+        {"measure": "case", "runtime": "torch", "seconds": 10.0, "dice": 0.7, "agreement": 0.9},
+    ]
+    text = module.write_table(rows, ["eager", "torch"], tmp_path / "table.md")
+    assert "| encoder (1) | 2.000 | 0.500 | 4.00x | - / - | - |" in text
+    assert "| case (1) | 30.000 | 10.000 | 3.00x | 0.8000 / 0.7000 | 0.9000 (min) |" in text
+    assert (tmp_path / "table.md").read_text() == text
