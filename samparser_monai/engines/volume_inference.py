@@ -192,7 +192,7 @@ class VolumeSegmenter:
 
     def _save(self, data: Mapping, prediction: torch.Tensor, name: str) -> str:
         image = data["image"]
-        pred = MetaTensor(prediction[None].to(torch.int16), affine=image.affine, meta=dict(image.meta))
+        pred = MetaTensor(prediction[None].to(torch.int16), meta=dict(image.meta))  # its affine is the image's
         pred.applied_operations = list(image.applied_operations)
         transform = self.with_label if "label" in data else self.image_only
         inverted = Invertd(keys="pred", transform=transform, orig_keys="image", nearest_interp=True)(
