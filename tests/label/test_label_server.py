@@ -173,6 +173,24 @@ def test_click_gives_a_mask_on_the_hippocampus(lite_server, tmp_path):
     assert mask.any() and dice > CLICK_DICE_MIN
 
 
+def test_a_second_prompt_on_the_same_image_is_served_from_cached_embeddings(lite_server):
+    image = IMAGES[1]
+    reference = _reference(image)
+    roi = _padded_roi(reference)
+    largest = int(reference.sum(axis=(0, 1)).argmax())
+    i, j = np.argwhere(reference[:, :, largest])[0]
+    name = image.name[: -len(".nii.gz")]
+    first = _infer(lite_server, name, {"roi": roi}, output="json")
+    assert first.status_code == 200, first.text
+    second = _infer(lite_server, name, {"roi": roi, "foreground": [[int(i), int(j), largest]]}, output="json")
+    assert second.status_code == 200, second.text
+    before, after = first.json(), second.json()
+    assert before["encoded_slices"] + before["cached_slices"] > 0
+    assert after["encoded_slices"] == 0, "a click inside the ROI encodes nothing new"
+    assert after["cached_slices"] == before["encoded_slices"] + before["cached_slices"]
+    print(f"first request {before['latencies']['total']:.1f} s, second {after['latencies']['total']:.1f} s")
+
+
 def test_bad_requests_get_one_sentence_and_the_server_goes_on(lite_server, tmp_path):
     case = IMAGES[1].name[: -len(".nii.gz")]
     shape = nib.load(IMAGES[1]).shape
