@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seed,
         reader,
         qa_writer=qa,
-        rule=stop_rule_from_args(args),
+        rule=stop_rule_from_args(args, fine_tuned=bool(args.checkpoint)),
     )
     batch = BatchRun(
         segmenter,

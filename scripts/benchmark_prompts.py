@@ -73,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cases = cases[: args.cases] if args.cases else cases
         model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint, args.device)
         use_runtime(model, args.runtime, None, runtime_cache_dir(args.checkpoint))
-        rule = stop_rule_from_args(args)
+        rule = stop_rule_from_args(args, fine_tuned=bool(args.checkpoint))
         transform = volume_transforms(args.intensity, keys=("image", "label"))
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)

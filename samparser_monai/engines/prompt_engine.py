@@ -32,7 +32,15 @@ from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.sam import plain_tensor
 from samparser_monai.transforms.box_prompts import mask_to_box
 
-__all__ = ["ObjectPrompt", "PromptEngine", "PromptResult", "StopRule", "add_stop_rule_arguments", "stop_rule_from_args"]
+__all__ = [
+    "FINE_TUNED_PAD",
+    "ObjectPrompt",
+    "PromptEngine",
+    "PromptResult",
+    "StopRule",
+    "add_stop_rule_arguments",
+    "stop_rule_from_args",
+]
 
 
 @dataclass(frozen=True)
@@ -41,8 +49,9 @@ class StopRule:
 
     The defaults come from traces of unstopped key-slice propagation on the dev validation split with a fine-tuned
     LiteMedSAM (``scripts/benchmark_prompts.py --trace``, ``scripts/choose_stop_rule.py``; docs/benchmarks.md,
-    "3D prompts as users give them"): a tight box (no margin, no pad), since a loose one makes SAM fill it and the
-    masks spread slice after slice; a predicted IoU of 0.7 and 80% overlap with the previous mask.
+    "3D prompts as users give them"): a tight box (no margin), since a loose one makes SAM fill it and the masks
+    spread slice after slice; a predicted IoU of 0.7 and 80% overlap with the previous mask. A fine-tuned model's
+    boxes also shrink by a pixel a side: use :meth:`for_model`.
 
     Attributes:
         min_area_fraction: the mask holds fewer pixels than this fraction of the start slice's mask.
@@ -64,6 +73,23 @@ class StopRule:
     margin: float = 0.0
     pad: float = 0.0
 
+    @classmethod
+    def for_model(cls, fine_tuned: bool, **overrides) -> StopRule:
+        """The measured defaults for a fine-tuned model or the stock one (``overrides``: fields set explicitly).
+
+        A fine-tuned SAM fills the box it is given (it was trained on tight boxes), so a box taken from its previous
+        mask is a little too large for the next slice and the masks grow slice after slice (to about twice the
+        object's area 5 slices from the start); each propagated box then shrinks by :data:`FINE_TUNED_PAD` pixels a
+        side. The stock model under-segments, and shrinking its boxes loses the object: it keeps ``pad`` 0
+        (docs/benchmarks.md, "Boxes that shrink").
+        """
+        values = {"pad": FINE_TUNED_PAD if fine_tuned else 0.0}
+        values.update(overrides)
+        return cls(**values)
+
+
+#: pixels each propagated box shrinks by (a side) for a fine-tuned model, chosen on the dev validation split
+FINE_TUNED_PAD = -1.0
 
 #: command-line flag -> (StopRule field, type, help)
 _RULE_FLAGS = {
@@ -73,7 +99,7 @@ _RULE_FLAGS = {
     "--stop-overlap": ("min_overlap", float, "... or when less than this fraction of a mask lies on the previous one"),
     "--max-distance": ("max_distance", int, "... or this many slices from the start (0: no limit)"),
     "--margin": ("margin", float, "each propagated box is the previous mask's box grown by this fraction of its size"),
-    "--pad": ("pad", float, "... plus this many pixels"),
+    "--pad": ("pad", float, "... plus this many pixels (negative: shrunk)"),
 }
 
 
@@ -81,13 +107,19 @@ def add_stop_rule_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the :class:`StopRule` settings to a command's parser as flags (``--stop-area`` ...), defaults shown."""
     rule = StopRule()
     for flag, (name, kind, text) in _RULE_FLAGS.items():
+        if name == "pad":  # depends on the model: resolved by stop_rule_from_args
+            default_text = f"{FINE_TUNED_PAD:g} with a fine-tuned --checkpoint, 0 for the stock model"
+            parser.add_argument(flag, type=kind, default=None, help=f"{text} (default {default_text})")
+            continue
         default = getattr(rule, name)
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
 
 
-def stop_rule_from_args(args: argparse.Namespace) -> StopRule:
-    """The :class:`StopRule` of flags added by :func:`add_stop_rule_arguments`."""
-    return StopRule(**{name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in _RULE_FLAGS.items()})
+def stop_rule_from_args(args: argparse.Namespace, fine_tuned: bool = False) -> StopRule:
+    """The :class:`StopRule` of flags added by :func:`add_stop_rule_arguments`; flags left out take the defaults of
+    :meth:`StopRule.for_model` (``fine_tuned``: a coefficient checkpoint is loaded)."""
+    values = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in _RULE_FLAGS.items()}
+    return StopRule.for_model(fine_tuned, **{name: value for name, value in values.items() if value is not None})
 
 
 @dataclass
@@ -308,10 +340,12 @@ class PromptEngine:
         return ""
 
     def _next_box(self, mask: torch.Tensor, clip: torch.Tensor | None) -> torch.Tensor:
-        """The mask's tight box grown by the margin and pad, inside the slice and the ROI's in-plane extent."""
+        """The mask's tight box grown by the margin and pad (shrunk when negative), inside the slice and the ROI."""
         tight = mask_to_box(mask)
         grow = self.rule.margin * torch.stack([tight[2] - tight[0], tight[3] - tight[1]]).repeat(2) + self.rule.pad
         grown = torch.cat([tight[:2] - grow[:2], tight[2:] + grow[2:]])
+        centre = (tight[:2] + tight[2:]) / 2  # a shrinking box (negative margin or pad) ends as a point, never inverted
+        grown = torch.cat([torch.minimum(grown[:2], centre), torch.maximum(grown[2:], centre)])
         low = torch.zeros(2)
         high = torch.tensor([mask.shape[1] - 1, mask.shape[0] - 1], dtype=torch.float32)
         if clip is not None:

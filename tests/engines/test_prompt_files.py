@@ -4,7 +4,9 @@ and click prompts, stops where the object ends, and resolves voxels two labels c
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +15,14 @@ import torch
 from torch import nn
 
 from samparser_monai.engines import label_box_prompts
-from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, StopRule
+from samparser_monai.engines.prompt_engine import (
+    FINE_TUNED_PAD,
+    ObjectPrompt,
+    PromptEngine,
+    StopRule,
+    add_stop_rule_arguments,
+    stop_rule_from_args,
+)
 from samparser_monai.engines.prompt_files import json_box_prompts, json_object_prompts, load_box_json
 from samparser_monai.transforms import volume_transforms
 
@@ -119,6 +128,36 @@ def test_the_area_rule_stops_where_the_object_thins_out():
     assert sorted(rows) == list(range(min(kept) - 1, max(kept) + 2))
     assert all((row["stop"] == "area") == (row["area_fraction"] < 0.5) for row in rows.values())
     assert rows[10]["direction"] == 0 and rows[10]["area_fraction"] == 1.0 and rows[11]["iou"] == 0.9
+
+
+class OverSegmentsByOne(BrightInsideBox):
+    """A stand-in that over-segments as a fine-tuned SAM does: the box grown by one pixel, where tissue is."""
+
+    def decode_prompts(self, embeddings, image_size, box=None, points=None, point_labels=None, multimask=False):
+        grown = box + torch.tensor([-1.0, -1.0, 1.0, 1.0])
+        return super().decode_prompts(embeddings, image_size, box=grown)
+
+
+def test_a_shrinking_pad_holds_an_over_segmenting_model_to_the_object():
+    image = torch.zeros(1, 30, 30, 12)
+    image[0, 8:19, 8:19, 3:9] = 0.6  # tissue of the same look in a ring around the object
+    image[0, 10:17, 10:17, 3:9] = 1.0  # the object, 7 x 7 on slices 3..8
+    key = ObjectPrompt(label=1, slice=5, box=torch.tensor([10.0, 10.0, 16.0, 16.0]))
+    held = PromptEngine(OverSegmentsByOne(), rule=StopRule(pad=-1.0)).segment(image, [key])
+    on_key = held.labels[..., 5].clone()
+    assert int(on_key.sum()) == 9 * 9, "the object and the one-pixel rim the model adds"
+    assert held.slices == [list(range(3, 9))] and sorted(held.stops[0]) == ["empty", "empty"]
+    assert all(torch.equal(held.labels[..., s], on_key) for s in range(3, 9)), "no slice grows past the key slice's"
+    drifting = PromptEngine(OverSegmentsByOne(), rule=StopRule(pad=0.0)).segment(image, [key])
+    assert drifting.stops[0] == ["overlap", "overlap"] and drifting.slices == [[5]], "each box one pixel larger"
+
+
+def test_a_shrinking_box_never_inverts():
+    engine = PromptEngine(BrightInsideBox(), rule=StopRule(margin=-0.4, pad=-3.0))
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[5:7, 9:13] = True  # 4 wide, 2 high: shrunk by 3 px a side, both sides cross
+    box = engine._next_box(mask, None)
+    assert torch.equal(box, torch.tensor([10.5, 5.5, 10.5, 5.5])), "collapsed to the mask's centre"
 
 
 def test_the_overlap_rule_stops_a_jump_to_another_object():
@@ -256,3 +295,29 @@ def test_the_growth_rule_stops_a_mask_that_spreads_past_the_object():
     areas = {s: (2 * (3 + s)) ** 2 for s in range(12)}
     kept = [s for s in range(12) if areas[s] <= 2.0 * areas[4]]
     assert run.slices == [kept] and sorted(run.stops[0]) == ["growth", "volume"]
+
+
+def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
+    assert StopRule.for_model(fine_tuned=False) == StopRule()
+    assert StopRule.for_model(fine_tuned=True) == StopRule(pad=FINE_TUNED_PAD) and FINE_TUNED_PAD < 0
+    parser = argparse.ArgumentParser()
+    add_stop_rule_arguments(parser)
+    assert stop_rule_from_args(parser.parse_args([]), fine_tuned=False).pad == 0.0
+    assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True).pad == FINE_TUNED_PAD
+    explicit = stop_rule_from_args(parser.parse_args(["--pad", "0", "--stop-iou", "0.5"]), fine_tuned=True)
+    assert explicit == StopRule(pad=0.0, min_iou=0.5), "a flag the user gives wins"
+
+
+@pytest.mark.parametrize(
+    "configs, zero_shot",
+    [(["inference.json"], False), (["train.json", "evaluate.json"], False), (["train.json", "evaluate.json"], True)],
+)
+def test_the_bundle_propagates_with_the_rule_of_its_model(configs, zero_shot):
+    from monai.bundle import ConfigParser
+
+    folder = Path(__file__).resolve().parents[2] / "bundle" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(folder / name) for name in configs])
+    if zero_shot:
+        parser["zero_shot"] = True
+    assert parser.get_parsed_content("propagation_rule") == StopRule.for_model(fine_tuned=not zero_shot)
