@@ -63,6 +63,9 @@ class StopRule:
         margin: the previous mask's box is grown by this fraction of its size on each side ...
         pad: ... plus this many pixels. A loose box makes SAM fill it, and a mask that fills its box grows the next
             box again: too much of either lets propagation spread slice after slice.
+        click_multimask: a single click alone decodes SAM's three ambiguity masks and keeps the most confident (what
+            SAM recommends, and what the stock model was trained for); otherwise the single-mask output, the one
+            fine-tuning trains (with ``train_click_fraction`` > 0, on clicks too).
     """
 
     min_area_fraction: float = 0.2
@@ -72,6 +75,7 @@ class StopRule:
     max_distance: int = 0
     margin: float = 0.0
     pad: float = 0.0
+    click_multimask: bool = True
 
     @classmethod
     def for_model(cls, fine_tuned: bool, **overrides) -> StopRule:
@@ -81,9 +85,10 @@ class StopRule:
         mask is a little too large for the next slice and the masks grow slice after slice (to about twice the
         object's area 5 slices from the start); each propagated box then shrinks by :data:`FINE_TUNED_PAD` pixels a
         side. The stock model under-segments, and shrinking its boxes loses the object: it keeps ``pad`` 0
-        (docs/benchmarks.md, "Boxes that shrink").
+        (docs/benchmarks.md, "Boxes that shrink"). A fine-tuned model answers a single click with its single-mask
+        output, the only one fine-tuning trains (``click_multimask``).
         """
-        values = {"pad": FINE_TUNED_PAD if fine_tuned else 0.0}
+        values = {"pad": FINE_TUNED_PAD if fine_tuned else 0.0, "click_multimask": not fine_tuned}
         values.update(overrides)
         return cls(**values)
 
@@ -291,8 +296,8 @@ class PromptEngine:
             points, point_labels = objects[front.index].clicks_on(front.slice)
             emb = embeddings[front.slice][None]
             box = None if front.box is None else front.box.float()[None].to(emb.device)
-            # a single click is ambiguous: SAM's three masks, the most confident kept
-            multimask = box is None and len(points) == 1
+            # a single click is ambiguous: the stock SAM's three masks, the most confident kept
+            multimask = box is None and len(points) == 1 and self.rule.click_multimask
             masks, iou = model.decode_prompts(
                 emb,
                 size,

@@ -316,10 +316,79 @@ class SamParser(nn.Module):
             masks = F.interpolate(masks, (h, w), mode="bilinear", align_corners=False)
         return masks[:, 0], scores
 
-    def forward(self, image: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-        """Mask logits ``B x N x H x W`` for images ``B x C x H x W`` in [0, 1] and boxes ``B x N x 4`` in pixels."""
+    def forward(
+        self,
+        image: torch.Tensor,
+        box: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Mask logits ``B x N x H x W`` for images ``B x C x H x W`` in [0, 1] and boxes ``B x N x 4`` in pixels.
+
+        With ``points`` (``B x N x P x 2``, ``(x, y)`` pixels) and ``point_labels`` (``B x N x P``: 1 positive, 0
+        negative, -1 an unused slot), each prompt is its box (a NaN row: none) plus its clicks, decoded exactly as
+        :meth:`decode_prompts` decodes them at inference (:class:`~samparser_monai.transforms.ClickPromptd` makes them).
+        """
         image = plain_tensor(image)
-        return self.decode(self.encode(image), box, image.shape[-2:])
+        embeddings = self.encode(image)
+        if points is None:
+            return self.decode(embeddings, box, image.shape[-2:])
+        return self.decode_clicks(embeddings, box, points, point_labels, image.shape[-2:])
+
+    def decode_clicks(
+        self,
+        embeddings: torch.Tensor,
+        box: torch.Tensor,
+        points: torch.Tensor,
+        point_labels: torch.Tensor | None,
+        image_size: Sequence[int],
+    ) -> torch.Tensor:
+        """Single-mask logits ``B x N x H x W`` for prompts of a box and/or clicks (see :meth:`forward`).
+
+        Prompts with the same kind (a box or not, and the number of clicks) are decoded together, so each one sees
+        exactly the tokens it would get alone.
+        """
+        embeddings = plain_tensor(embeddings)
+        box = torch.as_tensor(plain_tensor(box), dtype=torch.float32, device=embeddings.device)
+        points = torch.as_tensor(plain_tensor(points), dtype=torch.float32, device=embeddings.device)
+        b = embeddings.shape[0]
+        box = box.reshape(b, -1, 4)
+        n = box.shape[1]
+        points = points.reshape(b, n, -1, 2)
+        labels = (
+            torch.ones(points.shape[:3], device=points.device)
+            if point_labels is None
+            else torch.as_tensor(plain_tensor(point_labels), dtype=torch.float32, device=points.device).reshape(
+                points.shape[:3]
+            )
+        )
+        has_box = torch.isfinite(box).all(dim=-1)
+        used = labels >= 0
+        groups: dict[tuple[bool, int], list[tuple[int, int]]] = {}
+        for i in range(b):
+            for j in range(n):
+                kind = (bool(has_box[i, j]), int(used[i, j].sum()))
+                if kind == (False, 0):
+                    raise ValueError(f"Prompt {j} of image {i} has neither a box nor a click.")
+                groups.setdefault(kind, []).append((i, j))
+        out: list[torch.Tensor | None] = [None] * (b * n)
+        for (boxed, clicks), members in groups.items():
+            rows, cols = [m[0] for m in members], [m[1] for m in members]
+            pts = labs = None
+            if clicks:
+                picked = [points[i, j][used[i, j]] for i, j in members]
+                pts = torch.stack(picked)
+                labs = torch.stack([labels[i, j][used[i, j]] for i, j in members])
+            logits, _ = self.decode_prompts(
+                embeddings[rows],
+                image_size,
+                box=box[rows, cols] if boxed else None,
+                points=pts,
+                point_labels=labs,
+            )
+            for k, (i, j) in enumerate(members):
+                out[i * n + j] = logits[k]
+        return torch.stack(out).view(b, n, *out[0].shape[-2:])  # type: ignore[misc]
 
     def _resized(self, h: int, w: int) -> tuple[int, int]:
         scale = self.image_size / max(h, w)

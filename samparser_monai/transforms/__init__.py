@@ -1,5 +1,5 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
-"""Transforms: intensity presets to [0, 1], box prompts from label maps, and SAM's resize-longest-side + pad."""
+"""Transforms: intensity presets to [0, 1], box and click prompts from label maps, SAM's resize-longest-side + pad."""
 
 from samparser_monai.transforms.box_prompts import (
     BOX_MODES,
@@ -10,6 +10,7 @@ from samparser_monai.transforms.box_prompts import (
     mask_to_box,
 )
 from samparser_monai.transforms.checks import CheckVolumePaird, ReplaceNonFinited
+from samparser_monai.transforms.click_prompts import NO_CLICK, ClickPromptd
 from samparser_monai.transforms.intensity import (
     CT_WINDOWS,
     INTENSITY_PRESETS,
@@ -41,6 +42,8 @@ __all__ = [
     "INTENSITY_PRESETS",
     "RESIZE_MODES",
     "BoxPromptd",
+    "ClickPromptd",
+    "NO_CLICK",
     "UserBoxPromptd",
     "CTWindowd",
     "CheckVolumePaird",

@@ -10,6 +10,7 @@ from monai.transforms import Compose, EnsureTyped, LoadImaged, Orientationd, Sca
 
 from samparser_monai.transforms.box_prompts import BoxPromptd, UserBoxPromptd
 from samparser_monai.transforms.checks import CheckVolumePaird, ReplaceNonFinited
+from samparser_monai.transforms.click_prompts import ClickPromptd
 from samparser_monai.transforms.intensity import IntensityPresetd
 from samparser_monai.transforms.spatial import ResizeLongestPadd
 
@@ -64,12 +65,17 @@ def slice_transforms(
     empty_box: str = "random",
     track_meta: bool = True,
     box_protocol: str = "tight",
+    click_fraction: float = 0.0,
 ) -> Compose:
     """Box prompt from the 2D target (with jitter) and SAM's resize-longest-side + pad to ``spatial_size``.
 
     ``box_protocol="user"`` then swaps the box, at random, for one like users' prompts give at inference
     (:class:`~samparser_monai.transforms.UserBoxPromptd`: tight, a neighbouring slice's, an ROI projection, a third
     each); it needs a :class:`~samparser_monai.data.SliceDataset` with ``context=True``.
+
+    ``click_fraction`` > 0 prompts that share of the samples with clicks (alone, or with the box), after the resize
+    (:class:`~samparser_monai.transforms.ClickPromptd`); every sample then carries ``points`` and ``point_labels``
+    for :meth:`~samparser_monai.networks.SamParser.forward`.
 
     ``track_meta=False`` (training) ends with plain tensors: no metadata to collate, and the loss and metrics then
     run without MetaTensor's per-operation bookkeeping; keep the default where the resize must be inverted.
@@ -79,6 +85,7 @@ def slice_transforms(
             BoxPromptd(keys="label", jitter=jitter, jitter_mode=jitter_mode, per="mask", empty_box=empty_box),
             *([UserBoxPromptd()] if _box_protocol(box_protocol) == "user" else []),
             ResizeLongestPadd(keys=["image", "label"], spatial_size=spatial_size, mode=["bilinear", "nearest-exact"]),
+            *([ClickPromptd(keys="label", probability=click_fraction)] if click_fraction > 0 else []),
             *([] if track_meta else [EnsureTyped(keys=["image", "label"], track_meta=False)]),
         ]
     )
@@ -100,6 +107,7 @@ def image_2d_transforms(
     jitter_mode: str = "fraction",
     intensity: str = "uint8",
     track_meta: bool = True,
+    click_fraction: float = 0.0,
 ) -> Compose:
     """2D photographs or slices with binary masks (PNG/JPG, mask values 0/255): load, scale, binarise, prompt, resize.
 
@@ -108,6 +116,7 @@ def image_2d_transforms(
         jitter: box jitter, ``jitter_mode``: see :class:`~samparser_monai.transforms.BoxPromptd`.
         intensity: ``"uint8"`` divides 8-bit images by 255; any intensity preset name applies that preset.
         track_meta: ``False`` (training) ends with plain tensors, see :func:`slice_transforms`.
+        click_fraction: share of samples prompted with clicks, see :func:`slice_transforms`.
     """
     scale = (
         ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
@@ -120,7 +129,14 @@ def image_2d_transforms(
             CheckVolumePaird(spatial_dims=2, allow_missing_keys=True, check_channels=False),
             scale,
             _Binarised(),
-            slice_transforms(spatial_size, jitter, jitter_mode, empty_box="none", track_meta=track_meta),
+            slice_transforms(
+                spatial_size,
+                jitter,
+                jitter_mode,
+                empty_box="none",
+                track_meta=track_meta,
+                click_fraction=click_fraction,
+            ),
         ]
     )
 

@@ -199,3 +199,17 @@ def test_training_with_user_like_boxes(tmp_path, small_dataset):
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 2 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
     workflow.finalize()
+
+
+def test_training_with_clicks(tmp_path, small_dataset):
+    """train_click_fraction: samples carry clicks, the trainer passes them to the network, and it trains."""
+    workflow = _train(tmp_path, small_dataset, train_click_fraction=1.0)
+    assert workflow.parser.get_parsed_content("train#prepare_batch").extra_keys == ["box", "points", "point_labels"]
+    seen = []
+    network = workflow.parser.get_parsed_content("network")
+    network.register_forward_hook(lambda module, args, output: seen.append(len(args)))
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 2 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
+    assert seen[:2] == [4, 4], "image, box, points and point labels reach the network in training"
+    workflow.finalize()

@@ -232,6 +232,27 @@ def test_clicks_start_an_object_and_refine_the_slices_they_are_on():
         PromptEngine(BrightInsideBox()).segment(image, [ObjectPrompt(label=1, slice=5, points=click.points)])
 
 
+@pytest.mark.parametrize("fine_tuned", [False, True])
+def test_a_single_click_decodes_the_output_its_model_was_trained_for(fine_tuned):
+    """The stock SAM answers one click with its most confident ambiguity mask; a fine-tuned model with the
+    single-mask output fine-tuning trained; clicks with a box or several clicks always take the single mask."""
+    calls = []
+
+    class Recording(BrightInsideBox):
+        def decode_prompts(self, embeddings, image_size, box=None, points=None, point_labels=None, multimask=False):
+            calls.append((box is None, 0 if points is None else points.shape[1], multimask))
+            return super().decode_prompts(embeddings, image_size, box, points, point_labels, multimask)
+
+    shape = (40, 40, 20)
+    image = torch.as_tensor(_ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0)), dtype=torch.float32)[None]
+    rule = StopRule.for_model(fine_tuned, min_area_fraction=0.0, margin=1.0)
+    points = torch.tensor([[18.0, 20.0, 10.0], [19.0, 20.0, 12.0]])
+    PromptEngine(Recording(), rule=rule).segment(image, [ObjectPrompt(label=1, slice=10, points=points)])
+    clicked = [call for call in calls if call[1] > 0]
+    assert clicked[0] == (True, 1, not fine_tuned), "the start slice: one click alone"
+    assert all(not multimask for _, _, multimask in clicked[1:]) and len(clicked) == 2
+
+
 def test_prompts_outside_the_image_or_of_zero_size_are_one_sentence():
     eye = np.eye(4)
     with pytest.raises(ValueError, match=r"lies outside the image: the image's voxel extent is \[0, 0, 0\] to \[9"):
@@ -299,13 +320,14 @@ def test_the_growth_rule_stops_a_mask_that_spreads_past_the_object():
 
 def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
     assert StopRule.for_model(fine_tuned=False) == StopRule()
-    assert StopRule.for_model(fine_tuned=True) == StopRule(pad=FINE_TUNED_PAD) and FINE_TUNED_PAD < 0
+    fine_tuned = StopRule.for_model(fine_tuned=True)
+    assert fine_tuned == StopRule(pad=FINE_TUNED_PAD, click_multimask=False) and FINE_TUNED_PAD < 0
     parser = argparse.ArgumentParser()
     add_stop_rule_arguments(parser)
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=False).pad == 0.0
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True).pad == FINE_TUNED_PAD
     explicit = stop_rule_from_args(parser.parse_args(["--pad", "0", "--stop-iou", "0.5"]), fine_tuned=True)
-    assert explicit == StopRule(pad=0.0, min_iou=0.5), "a flag the user gives wins"
+    assert explicit == StopRule(pad=0.0, min_iou=0.5, click_multimask=False), "a flag the user gives wins"
 
 
 @pytest.mark.parametrize(

@@ -184,6 +184,40 @@ def test_metatensor_inputs_run_as_plain_tensors(tiny_checkpoint):
     assert not calls, f"MetaTensor operations inside the network: {calls}"
 
 
+def test_click_prompts_train_what_inference_decodes(tiny_checkpoint):
+    """forward with clicks: each prompt (box alone, clicks alone, box and clicks; -1 slots unused) gives the logits
+    decode_prompts gives it alone at inference, gradients reach the decoder, and a prompt of nothing is refused."""
+    model = SamParser("tiny", tiny_checkpoint, coefficients="paper").train()
+    image = torch.rand(2, 1, 128, 128)
+    box = BOXES.clone()
+    box[0, 1] = float("nan")  # clicks alone
+    points = torch.tensor(
+        [[[[20.0, 30.0], [0, 0]], [[60.0, 50.0], [90.0, 70.0]]], [[[0, 0], [0, 0]], [[9, 70], [0, 0]]]]
+    )
+    labels = torch.tensor([[[1.0, -1.0], [1.0, 0.0]], [[-1.0, -1.0], [1.0, -1.0]]])
+    out = model(image, box, points, labels)
+    assert out.shape == (2, 2, 128, 128)
+    out.sum().backward()
+    assert model.mask_decoder.output_upscaling[0].weight.grad is not None
+    with torch.no_grad():
+        embeddings = model.encode(image)
+        expected = {
+            (0, 0): model.decode_prompts(embeddings[:1], (128, 128), box=box[0, :1], points=points[0, :1, :1])[0],
+            (0, 1): model.decode_prompts(embeddings[:1], (128, 128), points=points[0, 1:], point_labels=labels[0, 1:])[
+                0
+            ],
+            (1, 0): model.decode(embeddings[1:], box[1:, :1], (128, 128))[:, 0],
+            (1, 1): model.decode_prompts(embeddings[1:], (128, 128), box=box[1, 1:], points=points[1, 1:, :1])[0],
+        }
+        for (i, j), logits in expected.items():
+            assert torch.allclose(out[i, j], logits[0], atol=1e-5), (i, j)
+        plain = model(image, BOXES, torch.zeros(2, 2, 1, 2), torch.full((2, 2, 1), -1.0))
+        assert torch.allclose(plain, model(image, BOXES), atol=1e-5), "no clicks: the box-only forward"
+        nothing = torch.full_like(BOXES, float("nan"))
+        with pytest.raises(ValueError, match="neither a box nor a click"):
+            model(image, nothing, torch.zeros(2, 2, 1, 2), torch.full((2, 2, 1), -1.0))
+
+
 def _train_steps(model: SamParser, steps: int = 2) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     torch.manual_seed(3)
