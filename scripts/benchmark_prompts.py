@@ -13,8 +13,10 @@ Protocols, per label of each case (simulated from the reference, as a user would
 
 Reported per protocol and label: Dice, HD95, false-positive slices (slices with the label predicted and none in the
 reference), encoder passes and seconds per case; ``--trace`` also writes what the stop rule saw on every slice
-(``trace.csv``), which is what the stop rule's defaults are chosen from. The simulation is the library's
-(:mod:`samparser_monai.engines.simulated_prompts`), the same that ``evaluate.json --eval_prompt`` runs.
+(``trace.csv``), which is what the stop rule's defaults are chosen from, with the final result's Dice and area on
+that slice, and those by distance from the start slice (``by_distance.md``: where propagation loses the object).
+The simulation is the library's (:mod:`samparser_monai.engines.simulated_prompts`), the same that
+``evaluate.json --eval_prompt`` runs.
 
     python scripts/benchmark_prompts.py --checkpoint bundle/models/model.pt --output-dir prompts --cases 26
 """
@@ -90,12 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 prediction, passes = run.labels.numpy(), run.encoder_passes
                 seconds = time.perf_counter() - start
                 present = {lab: set(np.nonzero((reference == lab).any(axis=others))[0].tolist()) for lab in labels}
+                starts = {row["label"]: row["slice"] for row in run.trace if row["direction"] == 0}
                 traces += [
                     dict(
                         row,
                         case=item["case"],
                         protocol=protocol,
                         in_reference=int(row["slice"] in present[row["label"]]),
+                        distance=abs(row["slice"] - starts.get(row["label"], row["slice"])),
+                        **slice_scores(prediction, reference, row["label"], args.axis, row["slice"]),
                     )
                     for row in run.trace
                 ]
@@ -128,6 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 writer = csv.DictWriter(handle, fieldnames=list(traces[0]))
                 writer.writeheader()
                 writer.writerows(traces)
+            (out / "by_distance.md").write_text(render_by_distance(traces))
         table = render(rows)
         (out / "prompts.md").write_text(table)
         print(table)
@@ -136,6 +142,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     print(f"results in {Path(args.output_dir).resolve()}")
     return 0
+
+
+def slice_scores(prediction: np.ndarray, reference: np.ndarray, label: int, axis: int, index: int) -> dict:
+    """The final result on one slice against the reference: ``slice_dice`` and ``area_ratio`` (predicted over
+    reference pixels; NaN where the reference has no ``label`` there)."""
+    predicted = np.take(prediction, index, axis=axis) == label
+    truth = np.take(reference, index, axis=axis) == label
+    total = int(predicted.sum()) + int(truth.sum())
+    dice = 2.0 * int((predicted & truth).sum()) / total if total else 1.0
+    ratio = int(predicted.sum()) / int(truth.sum()) if truth.any() else math.nan
+    return {"slice_dice": round(dice, 4), "area_ratio": round(ratio, 4)}
+
+
+def render_by_distance(traces: list[dict], farthest: int = 6) -> str:
+    """Markdown: per protocol and label, the mean slice Dice and the median predicted / reference area by distance
+    from the start slice (slices where the reference has the label): where propagation loses the object."""
+    lines = ["| protocol | label | measure | " + " | ".join(str(d) for d in range(farthest + 1)) + " |",
+             "|---|---:|---|" + "---:|" * (farthest + 1)]  # fmt: skip
+    for protocol in dict.fromkeys(r["protocol"] for r in traces):
+        for label in sorted({r["label"] for r in traces if r["protocol"] == protocol}):
+            rows = [r for r in traces if r["protocol"] == protocol and r["label"] == label and r["in_reference"]]
+            at = [[r for r in rows if r["distance"] == d] for d in range(farthest + 1)]
+            dice = [f"{statistics.fmean(r['slice_dice'] for r in group):.3f}" if group else "-" for group in at]
+            area = [f"{statistics.median(r['area_ratio'] for r in group):.2f}" if group else "-" for group in at]
+            lines.append(f"| {protocol} | {label} | Dice | " + " | ".join(dice) + " |")
+            lines.append(f"| {protocol} | {label} | predicted / reference area (median) | " + " | ".join(area) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def render(rows: list[dict]) -> str:
