@@ -71,7 +71,8 @@ def slice_transforms(
 
     ``box_protocol="user"`` then swaps the box, at random, for one like users' prompts give at inference
     (:class:`~samparser_monai.transforms.UserBoxPromptd`: tight, a neighbouring slice's, an ROI projection, a third
-    each); it needs a :class:`~samparser_monai.data.SliceDataset` with ``context=True``.
+    each); ``"neighbour"``: half tight, half a neighbouring slice's (what propagation gives, without the loose ROI
+    projections). Both need a :class:`~samparser_monai.data.SliceDataset` with ``context=True``.
 
     ``click_fraction`` > 0 prompts that share of the samples with clicks (alone, or with the box), after the resize
     (:class:`~samparser_monai.transforms.ClickPromptd`); every sample then carries ``points`` and ``point_labels``
@@ -83,7 +84,7 @@ def slice_transforms(
     return Compose(
         [
             BoxPromptd(keys="label", jitter=jitter, jitter_mode=jitter_mode, per="mask", empty_box=empty_box),
-            *([UserBoxPromptd()] if _box_protocol(box_protocol) == "user" else []),
+            *_user_boxes(box_protocol),
             ResizeLongestPadd(keys=["image", "label"], spatial_size=spatial_size, mode=["bilinear", "nearest-exact"]),
             *([ClickPromptd(keys="label", probability=click_fraction)] if click_fraction > 0 else []),
             *([] if track_meta else [EnsureTyped(keys=["image", "label"], track_meta=False)]),
@@ -92,13 +93,16 @@ def slice_transforms(
 
 
 #: ``box_protocol`` values of :func:`slice_transforms` (the bundle's ``train_box_protocol``)
-BOX_PROTOCOLS = ("tight", "user")
+BOX_PROTOCOLS = ("tight", "user", "neighbour")
 
 
-def _box_protocol(name: str) -> str:
+def _user_boxes(name: str) -> list[UserBoxPromptd]:
+    """The box-swapping transform of a ``box_protocol`` (none for ``"tight"``)."""
     if name not in BOX_PROTOCOLS:
         raise ValueError(f"Unknown box protocol {name!r}; use one of {list(BOX_PROTOCOLS)}.")
-    return name
+    if name == "tight":
+        return []
+    return [UserBoxPromptd(probabilities={"tight": 1.0, "neighbour": 1.0} if name == "neighbour" else None)]
 
 
 def image_2d_transforms(

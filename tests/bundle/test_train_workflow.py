@@ -191,8 +191,9 @@ def test_amp_dtype_reaches_the_trainer_and_the_evaluator(tmp_path, small_dataset
         assert workflow.parser.get_parsed_content(engine).amp_kwargs == {"dtype": torch.bfloat16}, engine
 
 
-def test_training_with_user_like_boxes(tmp_path, small_dataset):
-    workflow = _train(tmp_path, small_dataset, train_box_protocol="user")
+@pytest.mark.parametrize("protocol", ["user", "neighbour"])
+def test_training_with_user_like_boxes(tmp_path, small_dataset, protocol):
+    workflow = _train(tmp_path, small_dataset, train_box_protocol=protocol)
     dataset = workflow.parser.get_parsed_content("train#dataset")
     assert dataset.context, "the slice dataset carries the neighbouring slices and the 3D box"
     workflow.run()

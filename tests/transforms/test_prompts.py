@@ -174,3 +174,11 @@ def test_user_boxes_come_from_the_neighbouring_slice_or_the_roi_projection():
     assert len(drawn) == 3, "a third of each kind"
     with pytest.raises(ValueError, match="probabilities must weigh"):
         UserBoxPromptd(probabilities={"clicks": 1.0})
+    from samparser_monai.transforms import slice_transforms
+
+    swaps = {name: [t for t in slice_transforms(20, box_protocol=name).transforms if isinstance(t, UserBoxPromptd)]
+             for name in ("tight", "user", "neighbour")}  # fmt: skip
+    assert swaps["tight"] == [] and swaps["user"][0].names == ["tight", "neighbour", "roi"]
+    assert swaps["neighbour"][0].names == ["tight", "neighbour"] and swaps["neighbour"][0].weights == [0.5, 0.5]
+    with pytest.raises(ValueError, match="Unknown box protocol 'clicks'"):
+        slice_transforms(20, box_protocol="clicks")
