@@ -54,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset-dir", default=str(DEFAULT_DATA), help="dev data (MSD layout); its validation split")
     parser.add_argument("--cases", type=int, default=0, help="validation cases (0: all)")
+    parser.add_argument(
+        "--first-case",
+        type=int,
+        default=0,
+        help="skip this many validation cases first (choose on some, confirm on others)",
+    )
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
     parser.add_argument("--checkpoint", help="coefficient checkpoint (default: the zero-shot base model)")
     parser.add_argument("--backbone", default="lite_medsam")
@@ -72,6 +78,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileNotFoundError(f"dataset '{args.dataset_dir}' does not exist: pass --dataset-dir <folder>.")
         retain_freed_host_memory(True)
         _, cases = bundle_datalists(args.dataset_dir, "msd", 0.2, 0)
+        if not 0 <= args.first_case < len(cases):
+            raise ValueError(f"--first-case {args.first_case} is outside the {len(cases)} validation cases.")
+        cases = cases[args.first_case :]
         cases = cases[: args.cases] if args.cases else cases
         model = merged_model(args.backbone, args.base_checkpoint, args.checkpoint, args.device)
         use_runtime(model, args.runtime, None, runtime_cache_dir(args.checkpoint))

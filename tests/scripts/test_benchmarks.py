@@ -231,6 +231,10 @@ def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
     assert {r["distance"] for r in traced if r["direction"] == "0"} == {"0"}
     by_distance = (tmp_path / "out" / "by_distance.md").read_text()
     assert re.search(r"^\| key \| 1 \| Dice \| [01]\.\d{3} \|", by_distance, re.M), by_distance
+    # --first-case skips the first cases (choose on some, confirm on the others); past the last one: one sentence
+    outside = subprocess.run([sys.executable, str(script), *args[:4], "--first-case", "1"], capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+    assert outside.returncode == 1 and "--first-case 1 is outside the 1 validation cases" in outside.stderr
 
 
 def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
