@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,10 @@ def test_evaluate_the_stock_model_from_the_command_line(tmp_path, small_dataset)
     assert metrics.is_file() and ",none (stock model)" in metrics.read_text(), "the rows say no checkpoint was loaded"
 
 
+#: what a gloo rank prints when one of its C++ threads aborts the process at teardown
+_GLOO_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     configs = [str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")]
@@ -122,6 +127,11 @@ def test_torchrun_two_processes_gloo(tmp_path):
     command += ["-m", "monai.bundle", "run", "training", "--config_file", json.dumps(configs), *_flags(overrides)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    if result.returncode != 0 and _GLOO_ABORT in result.stderr:
+        # rarely (once in about 15 runs on a 2-core CPU): a gloo worker thread aborts its process at teardown
+        # (seen once in CI, after every step ran); one retry tells that apart from a real failure
+        shutil.rmtree(tmp_path / "bundle", ignore_errors=True)
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.count("training finished after epoch 1") == 1, "rank 0 alone reports"
     assert result.stdout.count("time per step (") == 1, "rank 0 alone profiles"
