@@ -24,10 +24,14 @@ class TrainableState:
 
     Args:
         network: a SamParser, or a DistributedDataParallel wrapper of one.
+        training_prompts: the prompt shares training uses (``click_fraction``, ``mask_prompt_fraction``): set on the
+            model and saved with it, so inference prompts the model as it was trained.
     """
 
-    def __init__(self, network: nn.Module) -> None:
+    def __init__(self, network: nn.Module, training_prompts: Mapping[str, float] | None = None) -> None:
         self.network = network
+        if training_prompts is not None:
+            self.model.training_prompts = {k: float(v) for k, v in training_prompts.items()}
 
     @property
     def model(self) -> nn.Module:

@@ -30,7 +30,7 @@ from torch import nn
 
 from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.sam import plain_tensor
-from samparser_monai.transforms.box_prompts import mask_to_box
+from samparser_monai.transforms.box_prompts import grow_box, mask_to_box
 
 __all__ = [
     "FINE_TUNED_PAD",
@@ -66,6 +66,10 @@ class StopRule:
         click_multimask: a single click alone decodes SAM's three ambiguity masks and keeps the most confident (what
             SAM recommends, and what the stock model was trained for); otherwise the single-mask output, the one
             fine-tuning trains (with ``train_click_fraction`` > 0, on clicks too).
+        mask_prompt: prompt each propagated slice with the previous slice's mask as well as its box (SAM's dense
+            mask prompt). ``None`` (default): when the model was fine-tuned with mask prompts
+            (``train_mask_prompt_fraction`` > 0, recorded in its checkpoint); the stock decoder was never trained
+            with them and does worse with them (docs/benchmarks.md, "Mask prompts").
     """
 
     min_area_fraction: float = 0.2
@@ -76,6 +80,14 @@ class StopRule:
     margin: float = 0.0
     pad: float = 0.0
     click_multimask: bool = True
+    mask_prompt: bool | None = None
+
+    def uses_mask_prompt(self, network: nn.Module) -> bool:
+        """Whether propagation passes the previous mask to ``network`` (see ``mask_prompt``)."""
+        if self.mask_prompt is not None:
+            return self.mask_prompt
+        trained = getattr(unwrap_model(network), "training_prompts", None) or {}
+        return float(trained.get("mask_prompt_fraction", 0.0)) > 0
 
     @classmethod
     def for_model(cls, fine_tuned: bool, **overrides) -> StopRule:
@@ -283,11 +295,13 @@ class PromptEngine:
         """Logits (on the CPU) and predicted IoU per front: box-only fronts in one batch, clicked slices one by one."""
         size = [d for i, d in enumerate(image.shape[1:]) if i != self.axis]
         out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(fronts)
+        use_masks = self.rule.uses_mask_prompt(model)
         boxed = [i for i, f in enumerate(fronts) if objects[f.index].clicks_on(f.slice) is None]
         if boxed:
             emb = torch.stack([embeddings[fronts[i].slice] for i in boxed])
             boxes = torch.stack([fronts[i].box.float() for i in boxed]).to(emb.device)
-            masks, iou = model.decode_prompts(emb, size, box=boxes)
+            prompts = torch.stack([self._mask_prompt(fronts[i], size) for i in boxed]) if use_masks else None
+            masks, iou = model.decode_prompts(emb, size, box=boxes, mask_prompt=prompts)
             for row, i in enumerate(boxed):
                 out[i] = (masks[row].float().cpu(), iou[row].float().cpu())
         for i, front in enumerate(fronts):
@@ -305,9 +319,17 @@ class PromptEngine:
                 points=points[None].to(emb.device),
                 point_labels=point_labels[None],
                 multimask=multimask,
+                mask_prompt=self._mask_prompt(front, size)[None] if use_masks else None,
             )
             out[i] = (masks[0].float().cpu(), iou[0].float().cpu())
         return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _mask_prompt(front: _Front, size: Sequence[int]) -> torch.Tensor:
+        """The previous slice's mask for a propagated front; "no mask" (-1) on a start slice."""
+        if front.direction == 0 or front.previous is None:
+            return torch.full(tuple(size), -1.0)
+        return front.previous.float()
 
     def _stop_reason(self, front: _Front, mask: torch.Tensor, iou: float, start_area: int, clicked: bool) -> str:
         """Why this front's mask ends its direction ("" to keep it). The user's own slices are always kept."""
@@ -346,17 +368,7 @@ class PromptEngine:
 
     def _next_box(self, mask: torch.Tensor, clip: torch.Tensor | None) -> torch.Tensor:
         """The mask's tight box grown by the margin and pad (shrunk when negative), inside the slice and the ROI."""
-        tight = mask_to_box(mask)
-        grow = self.rule.margin * torch.stack([tight[2] - tight[0], tight[3] - tight[1]]).repeat(2) + self.rule.pad
-        grown = torch.cat([tight[:2] - grow[:2], tight[2:] + grow[2:]])
-        centre = (tight[:2] + tight[2:]) / 2  # a shrinking box (negative margin or pad) ends as a point, never inverted
-        grown = torch.cat([torch.minimum(grown[:2], centre), torch.maximum(grown[2:], centre)])
-        low = torch.zeros(2)
-        high = torch.tensor([mask.shape[1] - 1, mask.shape[0] - 1], dtype=torch.float32)
-        if clip is not None:
-            clip = torch.as_tensor(clip, dtype=torch.float32)
-            low, high = torch.maximum(low, clip[:2]), torch.minimum(high, clip[2:])
-        return torch.cat([torch.maximum(grown[:2], low), torch.minimum(grown[2:], high)])
+        return grow_box(mask_to_box(mask), mask.shape, self.rule.margin, self.rule.pad, clip)
 
     def _fuse(self, shape, objects, logits, prompted) -> torch.Tensor:
         """Label map: per voxel the object with the highest positive logit; user-prompted slices keep their object."""

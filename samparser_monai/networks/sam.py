@@ -23,6 +23,7 @@ from samparser_monai.networks.svd import apply_svd, merge_svd_layers, svd_layers
 from samparser_monai.networks.trunk_cache import TrunkFeatureCache
 
 __all__ = [
+    "MASK_PROMPT_LOGIT",
     "TRAINABLE_POLICIES",
     "SamParser",
     "sam_parser_lite_medsam",
@@ -41,6 +42,9 @@ TRAINABLE_POLICIES = {
     "full": ("image_encoder", "mask_decoder"),  # baseline: full fine-tuning (MedSAM's setting)
     "lora": ("lora", "mask_decoder"),  # baseline: LoRA on the encoder (peft), as SAMed
 }
+
+#: logit magnitude a mask prompt goes into SAM's mask-prompt path with (+ inside the mask, - outside)
+MASK_PROMPT_LOGIT = 8.0
 
 # SAM's ImageNet statistics on a 0-255 scale (segment_anything.modeling.Sam)
 _SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -122,6 +126,9 @@ class SamParser(nn.Module):
         )
         self.lora_layers = apply_lora(self.image_encoder, lora_rank, lora_targets) if trainable == "lora" else []
         self.trainable = trainable
+        #: prompt shares the model was fine-tuned with (``click_fraction``, ``mask_prompt_fraction``), saved in its
+        #: checkpoint: inference reads how to prompt the model from it (e.g. ``StopRule.mask_prompt``)
+        self.training_prompts: dict[str, float] = {}
         # features stay where they were computed (on a GPU, moving them to the host would cost what the trunk does)
         self.trunk_cache = TrunkFeatureCache(int(cache_max_gb * (1 << 30)), device=None) if cache_trunk else None
         if checkpoint_blocks:
@@ -224,10 +231,17 @@ class SamParser(nn.Module):
         side = int(round(x.shape[1] ** 0.5))
         return x.view(x.shape[0], side, side, x.shape[2]).permute(0, 3, 1, 2)
 
-    def decode(self, embeddings: torch.Tensor, box: torch.Tensor, image_size: Sequence[int]) -> torch.Tensor:
+    def decode(
+        self,
+        embeddings: torch.Tensor,
+        box: torch.Tensor,
+        image_size: Sequence[int],
+        mask_prompt: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Mask logits ``B x N x H x W`` for ``box`` (``B x N x 4`` in pixels of an image of ``image_size``).
 
-        All B x N prompts are decoded in one batched pass of the mask decoder (no loop over images or prompts).
+        ``mask_prompt`` (``B x N x H x W``, optional): a mask for each prompt, see :meth:`dense_prompt`. All B x N
+        prompts are decoded in one batched pass of the mask decoder (no loop over images or prompts).
         """
         h, w = int(image_size[0]), int(image_size[1])
         embeddings = plain_tensor(embeddings)
@@ -242,6 +256,8 @@ class SamParser(nn.Module):
         rh, rw = self._resized(h, w)
         scale = torch.tensor([rw / w, rh / h, rw / w, rh / h], device=box.device, dtype=torch.float32)
         sparse, dense = self.prompt_encoder(points=None, boxes=box.reshape(b * n, 4) * scale, masks=None)
+        if mask_prompt is not None:
+            dense = self.dense_prompt(torch.as_tensor(plain_tensor(mask_prompt)).reshape(b * n, h, w))
         low_res = self._decode_masks(embeddings, sparse, dense, n)
         masks = F.interpolate(low_res, (self.image_size, self.image_size), mode="bilinear", align_corners=False)
         masks = masks[..., :rh, :rw]
@@ -257,8 +273,9 @@ class SamParser(nn.Module):
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
         multimask: bool = False,
+        mask_prompt: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mask logits and SAM's predicted IoU for one prompt per image: a box, points, or both.
+        """Mask logits and SAM's predicted IoU for one prompt per image: a box, points, or both (and a mask).
 
         Args:
             embeddings: ``B x C_e x h_e x w_e`` from :meth:`encode`.
@@ -268,6 +285,7 @@ class SamParser(nn.Module):
             point_labels: ``B x P``: 1 a positive click, 0 a negative one (default all positive).
             multimask: decode SAM's three ambiguity masks and keep, per image, the one with the highest predicted
                 IoU (what SAM recommends for a single click); otherwise its single-mask output.
+            mask_prompt: ``B x H x W`` masks added to the prompts (see :meth:`dense_prompt`), or ``None``.
 
         Returns:
             ``B x H x W`` logits and ``B`` predicted IoU.
@@ -294,6 +312,8 @@ class SamParser(nn.Module):
             # SAM samples the positional encoding at pixel centres
             point_prompt = ((coords + 0.5) * scale, labels.to(torch.int64))
         sparse, dense = self.prompt_encoder(points=point_prompt, boxes=boxes, masks=None)
+        if mask_prompt is not None:
+            dense = self.dense_prompt(torch.as_tensor(plain_tensor(mask_prompt), device=device).reshape(-1, h, w))
         dec = self.mask_decoder
         tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
         tokens = torch.cat([tokens.unsqueeze(0).expand(sparse.shape[0], -1, -1), sparse], dim=1)
@@ -322,18 +342,21 @@ class SamParser(nn.Module):
         box: torch.Tensor,
         points: torch.Tensor | None = None,
         point_labels: torch.Tensor | None = None,
+        mask_prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Mask logits ``B x N x H x W`` for images ``B x C x H x W`` in [0, 1] and boxes ``B x N x 4`` in pixels.
 
         With ``points`` (``B x N x P x 2``, ``(x, y)`` pixels) and ``point_labels`` (``B x N x P``: 1 positive, 0
         negative, -1 an unused slot), each prompt is its box (a NaN row: none) plus its clicks, decoded exactly as
         :meth:`decode_prompts` decodes them at inference (:class:`~samparser_monai.transforms.ClickPromptd` makes them).
+        ``mask_prompt`` (``B x N x H x W``) adds a mask to each prompt (:meth:`dense_prompt`; negative: none), as
+        propagation gives the previous slice's (:class:`~samparser_monai.transforms.MaskPromptd` makes them).
         """
         image = plain_tensor(image)
         embeddings = self.encode(image)
         if points is None:
-            return self.decode(embeddings, box, image.shape[-2:])
-        return self.decode_clicks(embeddings, box, points, point_labels, image.shape[-2:])
+            return self.decode(embeddings, box, image.shape[-2:], mask_prompt)
+        return self.decode_clicks(embeddings, box, points, point_labels, image.shape[-2:], mask_prompt)
 
     def decode_clicks(
         self,
@@ -342,6 +365,7 @@ class SamParser(nn.Module):
         points: torch.Tensor,
         point_labels: torch.Tensor | None,
         image_size: Sequence[int],
+        mask_prompt: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Single-mask logits ``B x N x H x W`` for prompts of a box and/or clicks (see :meth:`forward`).
 
@@ -385,10 +409,40 @@ class SamParser(nn.Module):
                 box=box[rows, cols] if boxed else None,
                 points=pts,
                 point_labels=labs,
+                mask_prompt=None if mask_prompt is None else plain_tensor(mask_prompt)[rows, cols],
             )
             for k, (i, j) in enumerate(members):
                 out[i * n + j] = logits[k]
         return torch.stack(out).view(b, n, *out[0].shape[-2:])  # type: ignore[misc]
+
+    def dense_prompt(self, masks: torch.Tensor) -> torch.Tensor:
+        """SAM's dense prompt embeddings ``B x C_e x h_e x w_e`` for ``B x H x W`` masks on the image's pixel grid.
+
+        A mask (1 object, 0 background) goes in as logits of +-:data:`MASK_PROMPT_LOGIT`, resized and padded as the
+        image is, through SAM's mask-prompt path; a mask with any negative or NaN value means "no mask" and gets
+        SAM's no-mask embedding. The stock decoder was never trained with mask prompts (MedSAM-Lite was trained on
+        boxes): use them with a model fine-tuned with ``train_mask_prompt_fraction`` > 0.
+        """
+        encoder = self.prompt_encoder
+        masks = plain_tensor(masks)
+        device = encoder.no_mask_embed.weight.device
+        masks = masks.to(device=device, dtype=torch.float32)
+        b, h, w = masks.shape
+        given = ~(torch.isnan(masks) | (masks < 0)).flatten(1).any(dim=1)
+        eh, ew = encoder.image_embedding_size
+        none = encoder.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, eh, ew)
+        if not bool(given.any()):
+            return none
+        rh, rw = self._resized(h, w)
+        logits = (masks[given, None] > 0.5).float() * (2 * MASK_PROMPT_LOGIT) - MASK_PROMPT_LOGIT
+        if (rh, rw) != (h, w):
+            logits = F.interpolate(logits, (rh, rw), mode="bilinear", align_corners=False)
+        logits = F.pad(logits, (0, self.image_size - rw, 0, self.image_size - rh), value=-MASK_PROMPT_LOGIT)
+        logits = F.interpolate(logits, encoder.mask_input_size, mode="bilinear", align_corners=False)
+        embedded = encoder.mask_downscaling(logits)
+        out = none.clone()
+        out[given] = embedded.to(out.dtype)
+        return out
 
     def _resized(self, h: int, w: int) -> tuple[int, int]:
         scale = self.image_size / max(h, w)

@@ -48,9 +48,10 @@ def trainable_keys(model: nn.Module) -> list[str]:
 def coefficient_state(model: nn.Module) -> dict[str, Any]:
     """The coefficient state of a :class:`~samparser_monai.networks.SamParser` (tensors detached, on CPU).
 
-    Besides the trained tensors it records ``coefficient_parametrization`` and ``coefficient_movement`` (median and
+    Besides the trained tensors it records ``coefficient_parametrization``, ``coefficient_movement`` (median and
     largest ``|s - s0| / s0`` per group of decomposed layers; see
-    :func:`~samparser_monai.networks.svd.coefficient_movement`).
+    :func:`~samparser_monai.networks.svd.coefficient_movement`) and ``training_prompts`` (the prompt shares it was
+    trained with, :attr:`~samparser_monai.networks.SamParser.training_prompts`).
     """
     full = model.state_dict()
     tensors = {k: full[k].detach().cpu().clone() for k in trainable_keys(model)}
@@ -65,6 +66,7 @@ def coefficient_state(model: nn.Module) -> dict[str, Any]:
         "trainable": model.trainable,
         "coefficient_parametrization": getattr(model, "coefficient_parametrization", "additive"),
         "coefficient_movement": coefficient_movement(model),
+        "training_prompts": dict(getattr(model, "training_prompts", {})),
         "state_dict": tensors,
     }
 
@@ -133,4 +135,5 @@ def load_coefficient_state(model: nn.Module, state: Mapping[str, Any] | str | os
     except ValueError as error:
         raise ValueError(f"{source} cannot be loaded: {error}") from None
     model.load_state_dict(tensors, strict=False)
+    model.training_prompts = dict(state.get("training_prompts") or {})
     return model

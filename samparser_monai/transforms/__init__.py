@@ -1,11 +1,12 @@
 # Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
-"""Transforms: intensity presets to [0, 1], box and click prompts from label maps, SAM's resize-longest-side + pad."""
+"""Transforms: intensity presets to [0, 1], box, click and mask prompts from label maps, SAM's resize + pad."""
 
 from samparser_monai.transforms.box_prompts import (
     BOX_MODES,
     USER_BOXES,
     BoxPromptd,
     UserBoxPromptd,
+    grow_box,
     jitter_box,
     mask_to_box,
 )
@@ -19,6 +20,7 @@ from samparser_monai.transforms.intensity import (
     IntensityPresetd,
     PercentileNormalized,
 )
+from samparser_monai.transforms.mask_prompts import NO_MASK, MaskPromptd
 from samparser_monai.transforms.pipelines import (
     BOX_PROTOCOLS,
     image_2d_transforms,
@@ -43,7 +45,9 @@ __all__ = [
     "RESIZE_MODES",
     "BoxPromptd",
     "ClickPromptd",
+    "MaskPromptd",
     "NO_CLICK",
+    "NO_MASK",
     "UserBoxPromptd",
     "CTWindowd",
     "CheckVolumePaird",
@@ -52,6 +56,7 @@ __all__ = [
     "IntensityPresetd",
     "PercentileNormalized",
     "ResizeLongestPadd",
+    "grow_box",
     "image_2d_transforms",
     "jitter_box",
     "mask_to_box",

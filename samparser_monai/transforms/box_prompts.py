@@ -19,7 +19,7 @@ from monai.utils import convert_to_numpy, optional_import
 
 ndimage, _has_scipy = optional_import("scipy.ndimage")
 
-__all__ = ["BOX_MODES", "USER_BOXES", "BoxPromptd", "UserBoxPromptd", "jitter_box", "mask_to_box"]
+__all__ = ["BOX_MODES", "USER_BOXES", "BoxPromptd", "UserBoxPromptd", "grow_box", "jitter_box", "mask_to_box"]
 
 #: The ``per`` modes of :class:`BoxPromptd`.
 BOX_MODES = ("mask", "label", "component")
@@ -56,6 +56,32 @@ def mask_to_box(mask: NdarrayOrTensor) -> torch.Tensor | None:
     """
     box = _tight_box(_as_2d(mask, "mask") != 0)
     return None if box is None else torch.tensor(box, dtype=torch.float32)
+
+
+def grow_box(
+    box: torch.Tensor,
+    size: Sequence[int],
+    margin: float = 0.0,
+    pad: float = 0.0,
+    clip: NdarrayOrTensor | Sequence[float] | None = None,
+) -> torch.Tensor:
+    """A tight box ``(x0, y0, x1, y1)`` grown by ``margin`` (a fraction of its size) plus ``pad`` pixels a side.
+
+    Negative values shrink it, down to its centre point (never inverted). The result stays inside an image of
+    ``size`` ``(H, W)`` and inside ``clip`` (a box), when given. This is how propagation prompts the next slice from
+    a mask's box (:class:`~samparser_monai.engines.PromptEngine`), and how training imitates it.
+    """
+    tight = torch.as_tensor(box, dtype=torch.float32)
+    grow = margin * torch.stack([tight[2] - tight[0], tight[3] - tight[1]]).repeat(2) + pad
+    grown = torch.cat([tight[:2] - grow[:2], tight[2:] + grow[2:]])
+    centre = (tight[:2] + tight[2:]) / 2
+    grown = torch.cat([torch.minimum(grown[:2], centre), torch.maximum(grown[2:], centre)])
+    low = torch.zeros(2)
+    high = torch.tensor([size[1] - 1, size[0] - 1], dtype=torch.float32)
+    if clip is not None:
+        clip = torch.as_tensor(clip, dtype=torch.float32)
+        low, high = torch.maximum(low, clip[:2]), torch.minimum(high, clip[2:])
+    return torch.cat([torch.maximum(grown[:2], low), torch.minimum(grown[2:], high)])
 
 
 def _uniform(rng: _RandomSource | None, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
@@ -261,6 +287,8 @@ class UserBoxPromptd(Randomizable, MapTransform):
         probabilities: weight of each of :data:`USER_BOXES` (normalised).
         margin: growth of a neighbour box, as a fraction of its width and height on each side.
         pad: growth of the ROI box, in pixels on each side.
+        keep_context: leave the ``neighbours`` and ``roi_box`` keys for a later transform (which must remove them:
+            :class:`~samparser_monai.transforms.MaskPromptd`).
     """
 
     def __init__(
@@ -269,6 +297,7 @@ class UserBoxPromptd(Randomizable, MapTransform):
         probabilities: Mapping[str, float] | None = None,
         margin: float = 0.0,
         pad: float = 1.0,
+        keep_context: bool = False,
     ) -> None:
         super().__init__(keys=box_key)
         weights = dict(probabilities or dict.fromkeys(USER_BOXES, 1.0))
@@ -279,6 +308,7 @@ class UserBoxPromptd(Randomizable, MapTransform):
         self.names = list(weights)
         self.weights = [weights[n] / total for n in self.names]
         self.box_key, self.margin, self.pad = box_key, float(margin), float(pad)
+        self.keep_context = keep_context
 
     def randomize(self, data: Any = None) -> tuple[str, int]:
         """Draw the kind of box and the side of the neighbour."""
@@ -286,7 +316,8 @@ class UserBoxPromptd(Randomizable, MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        neighbours, roi = d.pop("neighbours", None), d.pop("roi_box", None)
+        take = d.get if self.keep_context else d.pop
+        neighbours, roi = take("neighbours", None), take("roi_box", None)
         kind, side = self.randomize()
         if neighbours is None or roi is None or d[self.box_key].shape[0] == 0 or kind == "tight":
             return d

@@ -12,6 +12,7 @@ from samparser_monai.transforms.box_prompts import BoxPromptd, UserBoxPromptd
 from samparser_monai.transforms.checks import CheckVolumePaird, ReplaceNonFinited
 from samparser_monai.transforms.click_prompts import ClickPromptd
 from samparser_monai.transforms.intensity import IntensityPresetd
+from samparser_monai.transforms.mask_prompts import MaskPromptd
 from samparser_monai.transforms.spatial import ResizeLongestPadd
 
 __all__ = ["BOX_PROTOCOLS", "image_2d_transforms", "slice_transforms", "volume_transforms"]
@@ -66,6 +67,7 @@ def slice_transforms(
     track_meta: bool = True,
     box_protocol: str = "tight",
     click_fraction: float = 0.0,
+    mask_fraction: float = 0.0,
 ) -> Compose:
     """Box prompt from the 2D target (with jitter) and SAM's resize-longest-side + pad to ``spatial_size``.
 
@@ -78,14 +80,23 @@ def slice_transforms(
     (:class:`~samparser_monai.transforms.ClickPromptd`); every sample then carries ``points`` and ``point_labels``
     for :meth:`~samparser_monai.networks.SamParser.forward`.
 
+    ``mask_fraction`` > 0 prompts that share of the samples as propagation prompts a slice: a neighbouring slice's
+    mask with its box shrunk a pixel a side (:class:`~samparser_monai.transforms.MaskPromptd`); every sample then
+    carries ``mask_prompt``. Needs ``context=True`` too.
+
     ``track_meta=False`` (training) ends with plain tensors: no metadata to collate, and the loss and metrics then
     run without MetaTensor's per-operation bookkeeping; keep the default where the resize must be inverted.
     """
     return Compose(
         [
             BoxPromptd(keys="label", jitter=jitter, jitter_mode=jitter_mode, per="mask", empty_box=empty_box),
-            *_user_boxes(box_protocol),
-            ResizeLongestPadd(keys=["image", "label"], spatial_size=spatial_size, mode=["bilinear", "nearest-exact"]),
+            *_user_boxes(box_protocol, keep_context=mask_fraction > 0),
+            *([MaskPromptd(keys="label", probability=mask_fraction)] if mask_fraction > 0 else []),
+            ResizeLongestPadd(
+                keys=["image", "label"] + (["mask_prompt"] if mask_fraction > 0 else []),
+                spatial_size=spatial_size,
+                mode=["bilinear", "nearest-exact"] + (["nearest-exact"] if mask_fraction > 0 else []),
+            ),
             *([ClickPromptd(keys="label", probability=click_fraction)] if click_fraction > 0 else []),
             *([] if track_meta else [EnsureTyped(keys=["image", "label"], track_meta=False)]),
         ]
@@ -96,13 +107,15 @@ def slice_transforms(
 BOX_PROTOCOLS = ("tight", "user", "neighbour")
 
 
-def _user_boxes(name: str) -> list[UserBoxPromptd]:
-    """The box-swapping transform of a ``box_protocol`` (none for ``"tight"``)."""
+def _user_boxes(name: str, keep_context: bool = False) -> list[UserBoxPromptd]:
+    """The box-swapping transform of a ``box_protocol`` (none for ``"tight"``); ``keep_context``: see
+    :class:`~samparser_monai.transforms.UserBoxPromptd`."""
     if name not in BOX_PROTOCOLS:
         raise ValueError(f"Unknown box protocol {name!r}; use one of {list(BOX_PROTOCOLS)}.")
     if name == "tight":
         return []
-    return [UserBoxPromptd(probabilities={"tight": 1.0, "neighbour": 1.0} if name == "neighbour" else None)]
+    weights = {"tight": 1.0, "neighbour": 1.0} if name == "neighbour" else None
+    return [UserBoxPromptd(probabilities=weights, keep_context=keep_context)]
 
 
 def image_2d_transforms(

@@ -205,12 +205,32 @@ def test_training_with_user_like_boxes(tmp_path, small_dataset, protocol):
 def test_training_with_clicks(tmp_path, small_dataset):
     """train_click_fraction: samples carry clicks, the trainer passes them to the network, and it trains."""
     workflow = _train(tmp_path, small_dataset, train_click_fraction=1.0)
-    assert workflow.parser.get_parsed_content("train#prepare_batch").extra_keys == ["box", "points", "point_labels"]
+    expected = {"box": "box", "points": "points", "point_labels": "point_labels"}
+    assert workflow.parser.get_parsed_content("train#prepare_batch").extra_keys == expected
     seen = []
     network = workflow.parser.get_parsed_content("network")
-    network.register_forward_hook(lambda module, args, output: seen.append(len(args)))
+    network.register_forward_hook(lambda module, args, kwargs, output: seen.append(sorted(kwargs)), with_kwargs=True)
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 2 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
-    assert seen[:2] == [4, 4], "image, box, points and point labels reach the network in training"
+    assert seen[:2] == [["box", "point_labels", "points"]] * 2, "box, points and point labels reach the network"
+    saved = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
+    assert saved["training_prompts"] == {"click_fraction": 1.0, "mask_prompt_fraction": 0.0}
+    workflow.finalize()
+
+
+def test_training_with_mask_prompts(tmp_path, small_dataset):
+    """train_mask_prompt_fraction: neighbours' masks reach the network as mask prompts, and the checkpoint says so."""
+    workflow = _train(tmp_path, small_dataset, train_mask_prompt_fraction=1.0)
+    prompts = []
+    network = workflow.parser.get_parsed_content("network")
+    network.register_forward_hook(lambda module, a, kw, out: prompts.append(kw.get("mask_prompt")), with_kwargs=True)
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 2 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
+    given = [p for p in prompts[:2] if p is not None]
+    assert len(given) == 2 and given[0].shape[-2:] == (network.image_size, network.image_size)
+    assert any(bool((p[:, 0] > 0).any()) for p in given), "a neighbour's mask is passed as the prompt"
+    saved = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
+    assert saved["training_prompts"] == {"click_fraction": 0.0, "mask_prompt_fraction": 1.0}
     workflow.finalize()

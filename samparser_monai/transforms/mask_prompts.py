@@ -1,0 +1,87 @@
+# Copyright (c) SAM-PARSER for MONAI contributors. Licensed under the Apache License, Version 2.0.
+"""Mask prompts for training: :class:`MaskPromptd` prompts some samples as propagation prompts a slice.
+
+The 3D prompt engine carries an object from slice to slice with the box of the previous slice's mask. A box alone
+loses the shape: on a curved structure (the posterior hippocampus) the masks fade within a few slices of the start
+(docs/benchmarks.md, "Mask prompts"). SAM also takes a mask as a dense prompt; trained on a share of samples
+prompted with a neighbouring slice's mask and that mask's box, the decoder learns to carry the shape along, and the
+engine then passes the previous slice's mask with the box (``StopRule.mask_prompt``). A mask prompt is ``N x H x W``
+on the sample's pixel grid: 1 object, 0 background, -1 everywhere for "no mask".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Any
+
+import torch
+from monai.transforms import MapTransform, Randomizable
+
+from samparser_monai.transforms.box_prompts import grow_box, mask_to_box
+
+__all__ = ["NO_MASK", "MaskPromptd"]
+
+#: the value that fills a mask prompt meaning "no mask"
+NO_MASK = -1.0
+
+
+class MaskPromptd(Randomizable, MapTransform):
+    """With probability ``probability``, prompt a sample with a neighbouring slice's mask and that mask's box.
+
+    Every sample gets ``mask_prompt`` (``N x H x W``, like its label), so samples batch with the default collate: the
+    neighbour's target for a prompted sample (its box then becomes that target's tight box grown by ``margin`` and
+    ``pad``, as :class:`~samparser_monai.engines.PromptEngine` makes a propagated box), :data:`NO_MASK` elsewhere.
+    A side is drawn at random among the neighbours that hold the label; a sample with none (the object's end slices,
+    background samples) keeps its box and gets no mask.
+
+    Needs the ``neighbours`` key of :class:`~samparser_monai.data.SliceDataset` (``context=True``) and removes it
+    and ``roi_box``. Place it after :class:`~samparser_monai.transforms.BoxPromptd` (and any
+    :class:`~samparser_monai.transforms.UserBoxPromptd`, with ``keep_context=True``) and before the resize, which
+    must resize ``mask_key`` too (nearest).
+
+    Args:
+        keys: the key of the label map (``1 x H x W``): the shape of the "no mask" fill.
+        box_key: the key of the boxes (``N x 4``; one box per sample).
+        mask_key: output key of the mask prompt.
+        probability: share of samples prompted with a neighbour's mask.
+        margin: growth of the neighbour's box, a fraction of its size a side (the engine's ``StopRule.margin``).
+        pad: then pixels a side, negative to shrink (the engine's pad for a fine-tuned model: -1).
+    """
+
+    def __init__(
+        self,
+        keys: str = "label",
+        box_key: str = "box",
+        mask_key: str = "mask_prompt",
+        probability: float = 0.5,
+        margin: float = 0.0,
+        pad: float = -1.0,
+    ) -> None:
+        super().__init__(keys)
+        if not 0.0 <= probability <= 1.0:
+            raise ValueError(f"probability must be in [0, 1], got {probability}.")
+        self.box_key, self.mask_key = box_key, mask_key
+        self.probability, self.margin, self.pad = float(probability), float(margin), float(pad)
+
+    def randomize(self, data: Any = None) -> tuple[bool, int]:
+        """Draw whether the sample is prompted with a mask, and which neighbour is tried first."""
+        return bool(self.R.random_sample() < self.probability), int(self.R.randint(2))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        neighbours = d.pop("neighbours", None)
+        d.pop("roi_box", None)
+        label = torch.as_tensor(d[self.first_key(d)])
+        boxes = torch.as_tensor(d[self.box_key], dtype=torch.float32).reshape(-1, 4).clone()
+        if boxes.shape[0] > 1:
+            raise ValueError(f"MaskPromptd takes one box per sample (BoxPromptd per='mask'), got {boxes.shape[0]}.")
+        prompt = torch.full((max(boxes.shape[0], 1), *label.shape[-2:]), NO_MASK)
+        prompted, side = self.randomize()
+        if prompted and neighbours is not None and boxes.shape[0] == 1:
+            sides = [k for k in (side, 1 - side) if bool(neighbours[k].any())]
+            if sides:
+                mask = torch.as_tensor(neighbours[sides[0]]) > 0
+                boxes[0] = grow_box(mask_to_box(mask), mask.shape, self.margin, self.pad)
+                prompt[0] = mask.float()
+        d[self.box_key], d[self.mask_key] = boxes, prompt
+        return d
