@@ -300,8 +300,10 @@ class PromptEngine:
         if boxed:
             emb = torch.stack([embeddings[fronts[i].slice] for i in boxed])
             boxes = torch.stack([fronts[i].box.float() for i in boxed]).to(emb.device)
-            prompts = torch.stack([self._mask_prompt(fronts[i], size) for i in boxed]) if use_masks else None
-            masks, iou = model.decode_prompts(emb, size, box=boxes, mask_prompt=prompts)
+            extra = (
+                {"mask_prompt": torch.stack([self._mask_prompt(fronts[i], size) for i in boxed])} if use_masks else {}
+            )
+            masks, iou = model.decode_prompts(emb, size, box=boxes, **extra)
             for row, i in enumerate(boxed):
                 out[i] = (masks[row].float().cpu(), iou[row].float().cpu())
         for i, front in enumerate(fronts):
@@ -319,7 +321,7 @@ class PromptEngine:
                 points=points[None].to(emb.device),
                 point_labels=point_labels[None],
                 multimask=multimask,
-                mask_prompt=self._mask_prompt(front, size)[None] if use_masks else None,
+                **({"mask_prompt": self._mask_prompt(front, size)[None]} if use_masks else {}),
             )
             out[i] = (masks[0].float().cpu(), iou[0].float().cpu())
         return out  # type: ignore[return-value]

@@ -343,3 +343,37 @@ def test_the_bundle_propagates_with_the_rule_of_its_model(configs, zero_shot):
     if zero_shot:
         parser["zero_shot"] = True
     assert parser.get_parsed_content("propagation_rule") == StopRule.for_model(fine_tuned=not zero_shot)
+
+
+class RecordsMaskPrompts(BrightInsideBox):
+    """A stand-in that records the mask prompts propagation passes, per decoded batch."""
+
+    def __init__(self, training_prompts: dict) -> None:
+        super().__init__()
+        self.training_prompts, self.seen = training_prompts, []
+
+    def decode_prompts(self, embeddings, image_size, box=None, points=None, point_labels=None, multimask=False,
+                       mask_prompt=None):  # fmt: skip
+        self.seen.append(None if mask_prompt is None else mask_prompt.clone())
+        return super().decode_prompts(embeddings, image_size, box, points, point_labels, multimask)
+
+
+def test_propagation_passes_the_previous_mask_to_a_model_trained_with_mask_prompts():
+    shape = (40, 40, 20)
+    ellipsoid = _ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0))
+    image = torch.as_tensor(ellipsoid, dtype=torch.float32)[None]
+    key = ObjectPrompt(label=1, slice=10, box=torch.tensor([8.0, 12.0, 28.0, 28.0]))
+    trained = RecordsMaskPrompts({"mask_prompt_fraction": 0.5})
+    result = PromptEngine(trained, rule=StopRule(min_area_fraction=0.0)).segment(image, [key])
+    assert torch.equal(result.labels, torch.as_tensor(ellipsoid).long()), "the same masks as with boxes alone"
+    start, first_step = trained.seen[0], trained.seen[1]
+    assert bool((start == -1).all()), "the key slice has no previous mask"
+    assert torch.equal(first_step[0] > 0, torch.as_tensor(ellipsoid[..., 10])), "slice 9 gets slice 10's mask"
+    assert torch.equal(first_step[1] > 0, torch.as_tensor(ellipsoid[..., 10])), "... and so does slice 11"
+    boxes_only = RecordsMaskPrompts({"click_fraction": 0.5})
+    PromptEngine(boxes_only, rule=StopRule(min_area_fraction=0.0)).segment(image, [key])
+    assert all(seen is None for seen in boxes_only.seen), "a model trained on boxes gets boxes"
+    forced = RecordsMaskPrompts({})
+    PromptEngine(forced, rule=StopRule(min_area_fraction=0.0, mask_prompt=True)).segment(image, [key])
+    assert all(seen is not None for seen in forced.seen), "the rule can ask for masks whatever the checkpoint says"
+    assert StopRule.for_model(True).mask_prompt is None, "by default the checkpoint decides"

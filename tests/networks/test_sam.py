@@ -218,6 +218,46 @@ def test_click_prompts_train_what_inference_decodes(tiny_checkpoint):
             model(image, nothing, torch.zeros(2, 2, 1, 2), torch.full((2, 2, 1), -1.0))
 
 
+def test_mask_prompts_train_what_inference_decodes(tiny_checkpoint):
+    """forward with mask prompts: a prompt with a mask gives what decode_prompts gives it at inference, a "no mask"
+    prompt (-1) what the box alone gives, the mask changes the logits, and gradients reach the decoder."""
+    model = SamParser("tiny", tiny_checkpoint, coefficients="paper").train()
+    image = torch.rand(2, 1, 128, 128)
+    masks = torch.full((2, 2, 128, 128), -1.0)
+    masks[0, 0] = 0.0
+    masks[0, 0, 20:60, 15:65] = 1.0
+    masks[1, 1] = 0.0
+    masks[1, 1, 62:78, 8:48] = 1.0
+    out = model(image, BOXES, mask_prompt=masks)
+    assert out.shape == (2, 2, 128, 128)
+    out.sum().backward()
+    assert model.mask_decoder.output_upscaling[0].weight.grad is not None
+    with torch.no_grad():
+        embeddings = model.encode(image)
+        alone = model(image, BOXES)
+        for i, j in ((0, 0), (1, 1)):
+            expected = model.decode_prompts(embeddings[i : i + 1], (128, 128), box=BOXES[i, j : j + 1],
+                                            mask_prompt=masks[i, j][None])[0]  # fmt: skip
+            assert torch.allclose(out[i, j], expected[0], atol=1e-5), (i, j)
+            assert not torch.allclose(out[i, j], alone[i, j], atol=1e-3), "the mask is read"
+        for i, j in ((0, 1), (1, 0)):
+            assert torch.allclose(out[i, j], alone[i, j], atol=1e-5), "no mask: the box alone"
+        clicks = model(image, BOXES, torch.zeros(2, 2, 1, 2), torch.full((2, 2, 1), -1.0), mask_prompt=masks)
+        assert torch.allclose(clicks, out, atol=1e-5), "the click path decodes masks the same way"
+
+
+def test_training_prompts_are_saved_and_loaded(tiny_checkpoint, tmp_path):
+    model = SamParser("tiny", tiny_checkpoint, coefficients="paper")
+    assert model.training_prompts == {}
+    model.training_prompts = {"click_fraction": 0.0, "mask_prompt_fraction": 0.5}
+    path = save_coefficient_state(model, tmp_path / "model.pt")
+    fresh = load_coefficient_state(SamParser("tiny", tiny_checkpoint, coefficients="paper"), path)
+    assert fresh.training_prompts == {"click_fraction": 0.0, "mask_prompt_fraction": 0.5}
+    old = torch.load(path, weights_only=True)
+    del old["training_prompts"]  # a checkpoint from before the field: trained on boxes
+    assert load_coefficient_state(SamParser("tiny", tiny_checkpoint, coefficients="paper"), old).training_prompts == {}
+
+
 def _train_steps(model: SamParser, steps: int = 2) -> None:
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     torch.manual_seed(3)
