@@ -49,6 +49,9 @@ class SliceDataset(Dataset):
             :class:`~samparser_monai.transforms.UserBoxPromptd`): ``"neighbours"``, ``2 x H x W``, the same label's
             target on the slices before and after (zeros past the volume's ends), and ``"roi_box"``, the label's 3D
             bounding box projected on the slice (``x0, y0, x1, y1``, inclusive).
+        end_slices: also sample, per label, the slices just past each end of it (no voxel of the label, a
+            neighbour with ``min_pixels`` or more), with an empty target and ``label_id`` the label's: with
+            ``context``, where propagation must learn to stop (:class:`~samparser_monai.transforms.MaskPromptd`).
 
     Raises:
         ValueError: a case that cannot be read or prepared (the message names the case and the cause), or no sample
@@ -67,12 +70,14 @@ class SliceDataset(Dataset):
         seed: int = 0,
         progress: bool = True,
         context: bool = False,
+        end_slices: bool = False,
     ) -> None:
         if axis not in (0, 1, 2):
             raise ValueError(f"axis must be 0, 1 or 2 (a spatial axis of the volume), got {axis}.")
         if not data:
             raise ValueError("The datalist is empty: check dataset_dir and the datalist section.")
         self.transform, self.slice_transform, self.context = transform, slice_transform, context
+        self.end_slices = end_slices
         self._roi: dict[tuple[int, int], list[float]] = {}
         self.axis, self.min_pixels = axis, int(min_pixels)
         self.labels = None if labels is None else [int(v) for v in labels]
@@ -128,6 +133,10 @@ class SliceDataset(Dataset):
             return None
         n_slices = label.shape[self.axis + 1]
         samples = [(volume, s, i) for s in range(n_slices) for i in ids if int(per_label[i][s]) >= self.min_pixels]
+        if self.end_slices:
+            held = {(s, i) for _, s, i in samples}
+            samples += [(volume, s, i) for s in range(n_slices) for i in ids
+                        if int(per_label[i][s]) == 0 and ({(s - 1, i), (s + 1, i)} & held)]  # fmt: skip
         any_foreground = sum(per_label.values())
         empty = [(volume, s, 0) for s in range(n_slices) if int(any_foreground[s]) == 0]
         return samples, empty

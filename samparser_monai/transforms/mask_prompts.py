@@ -15,6 +15,7 @@ from collections.abc import Hashable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from monai.transforms import MapTransform, Randomizable
 
 from samparser_monai.transforms.box_prompts import grow_box, mask_to_box
@@ -46,6 +47,9 @@ class MaskPromptd(Randomizable, MapTransform):
         probability: share of samples prompted with a neighbour's mask.
         margin: growth of the neighbour's box, a fraction of its size a side (the engine's ``StopRule.margin``).
         pad: then pixels a side, negative to shrink (the engine's pad for a fine-tuned model: -1).
+        perturb: the neighbour's mask is grown or shrunk by up to this many pixels (drawn per sample) before it
+            becomes the prompt: at inference the previous mask is the model's own, a boundary pixel or two off, and
+            a decoder that sees exact neighbours learns to copy the prompt instead of reading the image.
     """
 
     def __init__(
@@ -56,16 +60,21 @@ class MaskPromptd(Randomizable, MapTransform):
         probability: float = 0.5,
         margin: float = 0.0,
         pad: float = -1.0,
+        perturb: int = 2,
     ) -> None:
         super().__init__(keys)
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must be in [0, 1], got {probability}.")
+        if perturb < 0:
+            raise ValueError(f"perturb must be >= 0 pixels, got {perturb}.")
         self.box_key, self.mask_key = box_key, mask_key
-        self.probability, self.margin, self.pad = float(probability), float(margin), float(pad)
+        self.probability, self.margin, self.pad, self.perturb = float(probability), float(margin), float(pad), perturb
 
-    def randomize(self, data: Any = None) -> tuple[bool, int]:
-        """Draw whether the sample is prompted with a mask, and which neighbour is tried first."""
-        return bool(self.R.random_sample() < self.probability), int(self.R.randint(2))
+    def randomize(self, data: Any = None) -> tuple[bool, int, int]:
+        """Draw whether the sample is prompted with a mask, which neighbour is tried first, and the perturbation
+        (pixels: positive grows the mask, negative shrinks it)."""
+        prompted, side = bool(self.R.random_sample() < self.probability), int(self.R.randint(2))
+        return prompted, side, int(self.R.randint(-self.perturb, self.perturb + 1))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -76,12 +85,26 @@ class MaskPromptd(Randomizable, MapTransform):
         if boxes.shape[0] > 1:
             raise ValueError(f"MaskPromptd takes one box per sample (BoxPromptd per='mask'), got {boxes.shape[0]}.")
         prompt = torch.full((max(boxes.shape[0], 1), *label.shape[-2:]), NO_MASK)
-        prompted, side = self.randomize()
+        prompted, side, change = self.randomize()
         if prompted and neighbours is not None and boxes.shape[0] == 1:
             sides = [k for k in (side, 1 - side) if bool(neighbours[k].any())]
             if sides:
-                mask = torch.as_tensor(neighbours[sides[0]]) > 0
+                mask = _morphed(torch.as_tensor(neighbours[sides[0]]) > 0, change)
                 boxes[0] = grow_box(mask_to_box(mask), mask.shape, self.margin, self.pad)
                 prompt[0] = mask.float()
         d[self.box_key], d[self.mask_key] = boxes, prompt
         return d
+
+
+def _morphed(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+    """``mask`` (``H x W`` bool) dilated (``pixels`` > 0) or eroded (< 0) by a square of that radius; an erosion
+    that would empty it leaves it as it is."""
+    if pixels == 0:
+        return mask
+    size = 2 * abs(pixels) + 1
+    x = mask.float()[None, None]
+    out = (
+        F.max_pool2d(x, size, stride=1, padding=abs(pixels)) if pixels > 0 else -F.max_pool2d(-x, size, 1, abs(pixels))
+    )
+    out = out[0, 0] > 0.5
+    return out if bool(out.any()) else mask

@@ -136,3 +136,18 @@ def test_context_gives_the_neighbouring_targets_and_the_projected_3d_box():
     assert not first["neighbours"][0].any() and first["neighbours"][1].sum() == 5 * 6, "slice 0 empty, slice 2 next"
     assert first["roi_box"].tolist() == [1.0, 2.0, 6.0, 8.0], "columns 1-6, rows 2-8 over both slices"
     assert "neighbours" not in SliceDataset([{"image": image, "label": label, "case": "c"}], progress=False)[0]
+
+
+def test_end_slices_add_each_labels_first_empty_slices_with_an_empty_target():
+    image = torch.rand(1, 12, 10, 6)
+    label = torch.zeros(1, 12, 10, 6, dtype=torch.uint8)
+    label[0, 2:6, 3:5, 1:3] = 2  # label 2 on slices 1-2: ends 0 and 3
+    label[0, 7:9, 6:8, 5] = 1  # label 1 on the last slice: one end, 4
+    data = [{"image": image, "label": label, "case": "c"}]
+    plain = SliceDataset(data, axis=2, context=True, progress=False)
+    ends = SliceDataset(data, axis=2, context=True, end_slices=True, progress=False)
+    added = sorted(set(ends.samples) - set(plain.samples))
+    assert added == [(0, 0, 2), (0, 3, 2), (0, 4, 1)]
+    end = next(ends[i] for i, sample in enumerate(ends.samples) if sample == (0, 3, 2))
+    assert end["label_id"] == 2 and not end["label"].any(), "nothing of the label on its end slice"
+    assert end["neighbours"][0].sum() == 4 * 2 and not end["neighbours"][1].any(), "the object is on the slice before"

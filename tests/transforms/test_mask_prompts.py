@@ -22,12 +22,33 @@ def _sample(next_slice: bool = True) -> dict:
 
 
 def test_a_prompted_sample_gets_the_neighbours_mask_and_its_box_shrunk_a_pixel():
-    out = MaskPromptd(probability=1.0)(_sample())
+    out = MaskPromptd(probability=1.0, perturb=0)(_sample())
     assert torch.equal(out["mask_prompt"][0], _sample()["neighbours"][1]), "the side that holds the object"
     assert out["box"].tolist() == [[4.0, 5.0, 13.0, 10.0]], "the engine's propagated box: tight, one pixel in"
     assert "neighbours" not in out and "roi_box" not in out
-    grown = MaskPromptd(probability=1.0, margin=0.25, pad=0.0)(_sample())
+    grown = MaskPromptd(probability=1.0, margin=0.25, pad=0.0, perturb=0)(_sample())
     assert grown["box"].tolist() == [[0.25, 2.25, 16.75, 12.75]]
+
+
+def test_the_prompt_is_the_neighbour_grown_or_shrunk_by_up_to_perturb_pixels():
+    transform = MaskPromptd(probability=1.0, perturb=2)
+    transform.set_random_state(0)
+    areas = set()
+    for _ in range(40):
+        out = transform(_sample())
+        mask = out["mask_prompt"][0] > 0
+        rows, cols = torch.nonzero(mask.any(dim=1))[:, 0], torch.nonzero(mask.any(dim=0))[:, 0]
+        change = int(rows[0]) - 4  # the object spans rows 4..11, columns 3..14: a square grows or shrinks evenly
+        assert -2 <= change <= 2 and (int(rows[-1]), int(cols[0]), int(cols[-1])) == (
+            11 - change,
+            3 + change,
+            14 - change,
+        )
+        assert out["box"][0].tolist() == [cols[0] + 1.0, rows[0] + 1.0, cols[-1] - 1.0, rows[-1] - 1.0], "its box"
+        areas.add(int(mask.sum()))
+    assert len(areas) == 5, "every perturbation from -2 to +2 pixels is drawn"
+    with pytest.raises(ValueError, match="perturb must be"):
+        MaskPromptd(perturb=-1)
 
 
 def test_no_mask_when_not_drawn_or_nothing_beside_or_background():
@@ -59,7 +80,7 @@ def test_slice_transforms_resize_the_mask_prompt_with_the_image():
     sample["image"] = torch.rand(1, 20, 24)
     out = chain(sample)
     assert out["mask_prompt"].shape == (1, 48, 48) and set(out["mask_prompt"].unique().tolist()) == {0.0, 1.0}
-    assert out["mask_prompt"][0, 8:24, 6:30].all() and not out["mask_prompt"][0, 40:].any(), "resized 2x, padded"
+    assert out["mask_prompt"][0, 12:20, 10:26].all() and not out["mask_prompt"][0, 40:].any(), "resized 2x, padded"
     kept = [t for t in slice_transforms(48, box_protocol="user", mask_fraction=0.5).transforms
             if isinstance(t, UserBoxPromptd)]  # fmt: skip
     assert kept[0].keep_context, "the user boxes leave the neighbours to the mask prompt"
