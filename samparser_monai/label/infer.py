@@ -38,7 +38,8 @@ class SamParserInferTask(InferTask):
 
     Request parameters: ``roi`` (``[i0, i1, j0, j1, k0, k1]``), ``foreground`` and ``background`` clicks
     (``[[i, j, k], ...]``), optional ``label`` (segment name, echoed) and ``click_box_mm``; all in voxel indices of
-    the stored image. See :mod:`samparser_monai.label.requests` for how they become prompts. Bad prompts are answered
+    the stored image. See :mod:`samparser_monai.label.requests` for how they become prompts (clicks go as clicks to
+    a model whose checkpoint says it was trained with them, as boxes around them otherwise). Bad prompts are answered
     with HTTP 400 and one sentence; a result file (NIfTI, value 1 on the object) has the image's shape and affine.
 
     Args:
@@ -51,7 +52,7 @@ class SamParserInferTask(InferTask):
             type=InferType.DEEPGROW,
             labels=list(config.labels),
             dimension=3,
-            description=f"SAM-PARSER {config.backbone}: 3D mask from an ROI or clicks (box prompts, slice by slice)",
+            description=f"SAM-PARSER {config.backbone}: 3D mask from an ROI or clicks, slice by slice",
             config={"click_box_mm": config.click_box_mm},
         )
         self.model, self.settings = model, config
@@ -77,20 +78,24 @@ class SamParserInferTask(InferTask):
         if not isinstance(image, str) or not os.path.isfile(image):
             raise HTTPException(status_code=404, detail=f"Image {image!r} was not found; pick an image of the studies.")
         try:
-            plan = plan_prompts(request, read_geometry(image), self.settings.axis, self.settings.click_box_mm)
+            network, checkpoint = self.model.current()
+        except (ValueError, FileNotFoundError) as err:  # a published checkpoint that cannot be loaded
+            raise HTTPException(status_code=500, detail=f"The model could not be loaded: {err}") from err
+        clicks_trained = float(getattr(network, "training_prompts", {}).get("click_fraction", 0.0)) > 0
+        try:
+            geometry = read_geometry(image)
+            plan = plan_prompts(request, geometry, self.settings.axis, self.settings.click_box_mm, clicks_trained)
         except RequestError as err:
             raise HTTPException(status_code=err.status, detail=str(err)) from err
         except ValueError as err:  # unreadable header
             raise HTTPException(status_code=422, detail=str(err)) from err
-        try:
-            network, checkpoint = self.model.current()
-        except (ValueError, FileNotFoundError) as err:  # a published checkpoint that cannot be loaded
-            raise HTTPException(status_code=500, detail=f"The model could not be loaded: {err}") from err
         loaded = time.perf_counter()
         work = tempfile.mkdtemp(prefix="samparser_label_")
         try:
+            # clicks as clicks go to a model trained on them: the engine's fine-tuned rule, measured for it
+            rule = StopRule.for_model(fine_tuned=True) if plan.source == "points" else APP_RULE
             segmenter = VolumeSegmenter(
-                network, work, self.settings.intensity, self.settings.axis, self.settings.batch_size, rule=APP_RULE
+                network, work, self.settings.intensity, self.settings.axis, self.settings.batch_size, rule=rule
             )
             stat = os.stat(image)
             key = (

@@ -7,6 +7,9 @@ that :class:`~samparser_monai.engines.volume_inference.VolumeSegmenter` takes.
 * an ROI one slice thick (a rectangle drawn on one slice): that box, propagated slice to slice;
 * foreground clicks: on each clicked slice, a box around the clicks (``click_box_mm`` wide; the ROI's in-plane extent
   when an ROI is given too), propagated slice to slice;
+* foreground clicks to a model fine-tuned with clicks (``train_click_fraction`` > 0, ``click_points=True``): the
+  clicks themselves, as the engine's ``points`` prompt (background clicks with them as negative points; an ROI
+  spanning slices bounds the propagation);
 * background clicks: the connected piece of the result that a background click lands on is removed
   (:func:`~samparser_monai.label.refine.refine_mask`).
 
@@ -54,10 +57,11 @@ class PromptPlan:
     """What to run for one request.
 
     Attributes:
-        source: ``"roi"`` (a 3D box: its centre slice segmented, then propagated within it by the prompt engine) or
-            ``"propagate"`` (a key-slice box carried on by the same engine).
-        boxes: box entries for :meth:`~samparser_monai.engines.volume_inference.VolumeSegmenter.segment`
-            (``{"box": [i0, j0, k0, i1, j1, k1], "space": "voxel", "label": 1}``).
+        source: ``"roi"`` (a 3D box: its centre slice segmented, then propagated within it by the prompt engine),
+            ``"propagate"`` (a key-slice box carried on by the same engine) or ``"points"`` (clicks, the same engine).
+        boxes: prompt entries for :meth:`~samparser_monai.engines.volume_inference.VolumeSegmenter.segment`
+            (``{"box": [i0, j0, k0, i1, j1, k1], "space": "voxel", "label": 1}``; for ``"points"``, ``"points"``
+            ``[[i, j, k], ...]`` and ``"point_labels"``, with a ``"box"`` only for an ROI).
         keep: ``3 x 2`` inclusive voxel bounds the result is clipped to, or None.
         background: background clicks (voxel indices) whose connected piece of the result is removed.
     """
@@ -178,6 +182,7 @@ def plan_prompts(
     geometry: ImageGeometry,
     axis: int = 2,
     click_box_mm: float = DEFAULT_CLICK_BOX_MM,
+    click_points: bool = False,
 ) -> PromptPlan:
     """The prompts of a request (``roi``, ``foreground``, ``background``) on an image of ``geometry``.
 
@@ -186,6 +191,8 @@ def plan_prompts(
         geometry: the stored image's geometry.
         axis: slicing axis of the RAS-oriented volume the network sees.
         click_box_mm: side of the box grown around clicks, in millimetres (the request may set it too).
+        click_points: send clicks to the model as clicks (a model fine-tuned with ``train_click_fraction`` > 0)
+            instead of boxes around them (a model that only knows boxes).
 
     Raises:
         RequestError: no prompt, a malformed or empty ROI, or a click or ROI outside the image (one sentence each).
@@ -210,6 +217,8 @@ def plan_prompts(
         )
     if not foreground:
         return _roi_plan(roi, through, plane, geometry, background)
+    if click_points:
+        return _points_plan(foreground, roi, through, plane, geometry, background)
     raw_size = _decoded(request.get("click_box_mm", click_box_mm))
     size = _number(raw_size)
     if size is None or size <= 0:
@@ -228,6 +237,45 @@ def _roi_plan(
     return PromptPlan("propagate", [_entry(roi)], keep, background)
 
 
+def _points_plan(
+    foreground: list[tuple[int, int, int]],
+    roi: np.ndarray | None,
+    through: int,
+    plane: Sequence[int],
+    geometry: ImageGeometry,
+    background: list[tuple[int, int, int]],
+) -> PromptPlan:
+    """Clicks as the engine's ``points`` prompt: started on the slice with the most foreground clicks, propagated
+    with the stop rule, within the ROI when one spans slices; the result is kept inside an ROI (in-plane only for a
+    one-slice ROI)."""
+    spans_slices = roi is not None and roi[through, 1] > roi[through, 0]
+    if roi is not None:
+        _check_in_roi(foreground, roi, range(3) if spans_slices else plane)
+    entry: dict[str, Any] = {
+        "points": [[float(v) for v in p] for p in (*foreground, *background)],
+        "point_labels": [1] * len(foreground) + [0] * len(background),
+        "space": "voxel",
+        "label": 1,
+    }
+    keep = None
+    if roi is not None:
+        keep = roi.copy()
+        if spans_slices:
+            entry["box"] = _entry(roi)["box"]
+        else:
+            keep[through] = (0, geometry.shape[through] - 1)
+    return PromptPlan("points", [entry], keep, background)
+
+
+def _check_in_roi(foreground: Sequence[tuple[int, int, int]], roi: np.ndarray, axes: Sequence[int]) -> None:
+    outside = [p for p in foreground if any(not roi[a, 0] <= p[a] <= roi[a, 1] for a in axes)]
+    if outside:
+        raise RequestError(
+            f"foreground click {list(outside[0])} lies outside the roi {roi.tolist()}: click inside it, or send "
+            "the click without the roi."
+        )
+
+
 def _click_plan(
     foreground: list[tuple[int, int, int]],
     roi: np.ndarray | None,
@@ -239,14 +287,8 @@ def _click_plan(
 ) -> PromptPlan:
     """Foreground clicks (with or without an ROI): one propagated box per clicked slice."""
     spans_slices = roi is not None and roi[through, 1] > roi[through, 0]
-    if roi is not None:
-        checked = range(3) if spans_slices else plane  # a one-slice ROI only bounds the box, not the key slice
-        outside = [p for p in foreground if any(not roi[a, 0] <= p[a] <= roi[a, 1] for a in checked)]
-        if outside:
-            raise RequestError(
-                f"foreground click {list(outside[0])} lies outside the roi {roi.tolist()}: click inside it, or send "
-                "the click without the roi."
-            )
+    if roi is not None:  # a one-slice ROI only bounds the box, not the key slice
+        _check_in_roi(foreground, roi, range(3) if spans_slices else plane)
     half = size_mm / 2.0 / geometry.spacing
     last = np.asarray(geometry.shape, np.float64) - 1
     entries = []

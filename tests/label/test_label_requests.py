@@ -97,6 +97,25 @@ def test_clicks_with_an_roi_take_the_roi_box_and_stay_inside_it():
     assert plan.background == [(3, 4, 5)]
 
 
+def test_clicks_to_a_click_trained_model_are_sent_as_clicks():
+    request = {"foreground": [[12, 15, 6], [13, 16, 6]], "background": [[3, 4, 5]]}
+    plan = plan_prompts(request, RAS, click_points=True)
+    assert plan.source == "points" and plan.keep is None and plan.background == [(3, 4, 5)]
+    assert plan.boxes == [{"points": [[12.0, 15.0, 6.0], [13.0, 16.0, 6.0], [3.0, 4.0, 5.0]],
+                           "point_labels": [1, 1, 0], "space": "voxel", "label": 1}]  # fmt: skip
+    within = plan_prompts({**request, "roi": [10, 20, 10, 20, 4, 8]}, RAS, click_points=True)
+    assert within.boxes[0]["box"] == [10.0, 10.0, 4.0, 20.0, 20.0, 8.0] and within.keep.tolist() == [
+        [10, 20],
+        [10, 20],
+        [4, 8],
+    ]
+    thin = plan_prompts({**request, "roi": [10, 20, 10, 20, 6, 6]}, RAS, click_points=True)
+    assert "box" not in thin.boxes[0] and thin.keep.tolist()[:2] == [[10, 20], [10, 20]], "a one-slice ROI: in-plane"
+    assert thin.keep[2].tolist() == [0, RAS.shape[2] - 1]
+    with pytest.raises(RequestError, match="lies outside the roi"):
+        plan_prompts({"foreground": [[2, 2, 6]], "roi": [10, 20, 10, 20, 4, 8]}, RAS, click_points=True)
+
+
 def test_the_key_slice_is_taken_along_the_stored_axis_that_becomes_axial():
     assert PERMUTED.stored_axis(2) == 0 and RAS.stored_axis(2) == 2
     plan = plan_prompts({"foreground": [[7, 20, 15]], "click_box_mm": 10}, PERMUTED)

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 
 requests = pytest.importorskip("requests")
 pytest.importorskip("monailabel")
@@ -244,3 +245,12 @@ def test_train_button_publishes_a_checkpoint_the_infer_task_then_serves(tiny_ser
     assert stats["published"] == str(published) and stats["train_cases"] == 2 and stats["val_cases"] == 1
     after = _infer(url, case, small_roi, output="json")
     assert after.status_code == 200 and after.json()["checkpoint"] == str(published), "reloaded after training"
+    click = {"foreground": [[15, 20, 12]]}
+    as_boxes = _infer(url, case, click, output="json")
+    assert as_boxes.status_code == 200 and as_boxes.json()["prompt"] == "propagate", "box-trained: a box per click"
+    state["training_prompts"] = {"click_fraction": 0.5, "mask_prompt_fraction": 0.0}  # as if trained with clicks
+    time.sleep(0.01)
+    torch.save(state, published)
+    as_clicks = _infer(url, case, click, output="json")
+    assert as_clicks.status_code == 200, as_clicks.text
+    assert as_clicks.json()["prompt"] == "points", "a model trained with clicks gets the clicks"
