@@ -269,6 +269,7 @@ def export_merged(
             "trainable": state["trainable"],
             "coefficient_parametrization": state.get("coefficient_parametrization", "additive"),
             "coefficient_movement": movement,
+            "training_prompts": dict(state.get("training_prompts") or {}),
             "source_checkpoint": os.path.abspath(source),
             "source_sha256": file_sha256(source),
             "stock_checkpoint": {
@@ -350,6 +351,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def format_training_prompts(prompts: dict[str, float]) -> str:
+    """What a model was trained with, in words: boxes, and the shares of clicks and mask prompts when any."""
+    shares = {"clicks": prompts.get("click_fraction", 0.0), "mask prompts": prompts.get("mask_prompt_fraction", 0.0)}
+    extra = [f"{name} on {share:.0%} of the samples" for name, share in shares.items() if share > 0]
+    hint = " (prompt it with the previous slice's mask when propagating)" if shares["mask prompts"] > 0 else ""
+    return "boxes" + "".join(f", {e}" for e in extra) + hint
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the export; returns the process exit code (0 done, 1 refused or failed, 2 bad arguments)."""
     args = _parse(argv)
@@ -371,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     stock = record["stock_checkpoint"]
     print(f"merged {record['backbone']} (coefficients={record['coefficients']!r}, trainable={record['trainable']!r})")
     print(f"coefficients moved from their pretrained values: {format_movement(record['coefficient_movement'])}")
+    print(f"trained with: {format_training_prompts(record['training_prompts'])}")
     print(f"stock checkpoint: {result.stock_path} ({stock['bytes'] / 1e6:.1f} MB, sha256 {stock['sha256'][:16]}...)")
     print(f"  loads with: {stock_loader_hint(record['backbone'], str(result.stock_path))}")
     if result.torchscript_path is not None:

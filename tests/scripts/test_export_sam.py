@@ -51,6 +51,7 @@ def tuned_tiny(tmp_path_factory) -> tuple[SamParser, Path, SamParser]:
     """A 'fine-tuned' tiny SamParser (every encoder layer decomposed, random base), its coefficient state file and a
     merged copy."""
     model = _finetune(SamParser("tiny", coefficients="encoder"))
+    model.training_prompts = {"click_fraction": 0.0, "mask_prompt_fraction": 0.5}
     path = save_coefficient_state(model, tmp_path_factory.mktemp("tuned") / "model.pt")
     return model, Path(path), copy.deepcopy(model).merge()
 
@@ -89,6 +90,9 @@ def test_cli_exports_a_stock_tiny_checkpoint_with_the_merged_models_masks(tuned_
     moved = record["coefficient_movement"]
     assert set(moved) == {"patch_embed", "attention", "mlp", "neck", "all"} and moved["all"]["median"] > 0.05
     assert "coefficients moved from their pretrained values: patch_embed" in result.stdout
+    # what it was trained with, so a user of the stock file knows to pass the previous mask when propagating
+    assert record["training_prompts"] == {"click_fraction": 0.0, "mask_prompt_fraction": 0.5}
+    assert "trained with: boxes, mask prompts on 50% of the samples (prompt it with the previous" in result.stdout
 
 
 def test_a_training_checkpoint_exports_the_same_weights(tuned_tiny, tmp_path):
