@@ -130,12 +130,20 @@ def add_stop_rule_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         default = getattr(rule, name)
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
+    parser.add_argument(
+        "--mask-prompt",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="pass each propagated slice the previous slice's mask too (auto: when the checkpoint was trained with "
+        "mask prompts, train_mask_prompt_fraction > 0)",
+    )
 
 
 def stop_rule_from_args(args: argparse.Namespace, fine_tuned: bool = False) -> StopRule:
     """The :class:`StopRule` of flags added by :func:`add_stop_rule_arguments`; flags left out take the defaults of
     :meth:`StopRule.for_model` (``fine_tuned``: a coefficient checkpoint is loaded)."""
     values = {name: getattr(args, flag[2:].replace("-", "_")) for flag, (name, _, _) in _RULE_FLAGS.items()}
+    values["mask_prompt"] = {"on": True, "off": False}.get(getattr(args, "mask_prompt", "auto"))
     return StopRule.for_model(fine_tuned, **{name: value for name, value in values.items() if value is not None})
 
 

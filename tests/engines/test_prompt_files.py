@@ -328,6 +328,9 @@ def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True).pad == FINE_TUNED_PAD
     explicit = stop_rule_from_args(parser.parse_args(["--pad", "0", "--stop-iou", "0.5"]), fine_tuned=True)
     assert explicit == StopRule(pad=0.0, min_iou=0.5, click_multimask=False), "a flag the user gives wins"
+    assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True).mask_prompt is None, "auto: the checkpoint's"
+    assert stop_rule_from_args(parser.parse_args(["--mask-prompt", "off"]), fine_tuned=True).mask_prompt is False
+    assert stop_rule_from_args(parser.parse_args(["--mask-prompt", "on"]), fine_tuned=True).mask_prompt is True
 
 
 @pytest.mark.parametrize(
