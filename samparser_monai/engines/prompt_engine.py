@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from samparser_monai.networks.param_groups import unwrap_model
@@ -70,6 +71,8 @@ class StopRule:
             mask prompt). ``None`` (default): when the model was fine-tuned with mask prompts
             (``train_mask_prompt_fraction`` > 0, recorded in its checkpoint); the stock decoder was never trained
             with them and does worse with them (docs/benchmarks.md, "Mask prompts").
+        mask_shrink: the previous mask is eroded by this many pixels before it becomes the prompt (as ``pad``
+            shrinks the box: a mask prompt a little larger than the object compounds slice after slice too).
     """
 
     min_area_fraction: float = 0.2
@@ -81,6 +84,7 @@ class StopRule:
     pad: float = 0.0
     click_multimask: bool = True
     mask_prompt: bool | None = None
+    mask_shrink: int = 1
 
     def uses_mask_prompt(self, network: nn.Module) -> bool:
         """Whether propagation passes the previous mask to ``network`` (see ``mask_prompt``)."""
@@ -117,6 +121,7 @@ _RULE_FLAGS = {
     "--max-distance": ("max_distance", int, "... or this many slices from the start (0: no limit)"),
     "--margin": ("margin", float, "each propagated box is the previous mask's box grown by this fraction of its size"),
     "--pad": ("pad", float, "... plus this many pixels (negative: shrunk)"),
+    "--mask-shrink": ("mask_shrink", int, "pixels the previous mask is eroded by before it prompts the next slice"),
 }
 
 
@@ -334,12 +339,17 @@ class PromptEngine:
             out[i] = (masks[0].float().cpu(), iou[0].float().cpu())
         return out  # type: ignore[return-value]
 
-    @staticmethod
-    def _mask_prompt(front: _Front, size: Sequence[int]) -> torch.Tensor:
-        """The previous slice's mask for a propagated front; "no mask" (-1) on a start slice."""
+    def _mask_prompt(self, front: _Front, size: Sequence[int]) -> torch.Tensor:
+        """The previous slice's mask, eroded by ``mask_shrink`` (unless that empties it), for a propagated front;
+        "no mask" (-1) on a start slice."""
         if front.direction == 0 or front.previous is None:
             return torch.full(tuple(size), -1.0)
-        return front.previous.float()
+        mask = front.previous.float()
+        radius = self.rule.mask_shrink
+        if radius > 0:
+            eroded = -F.max_pool2d(-mask[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
+            mask = eroded if bool(eroded.any()) else mask
+        return mask
 
     def _stop_reason(self, front: _Front, mask: torch.Tensor, iou: float, start_area: int, clicked: bool) -> str:
         """Why this front's mask ends its direction ("" to keep it). The user's own slices are always kept."""

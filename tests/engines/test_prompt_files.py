@@ -12,6 +12,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from torch import nn
 
 from samparser_monai.engines import label_box_prompts
@@ -371,8 +372,12 @@ def test_propagation_passes_the_previous_mask_to_a_model_trained_with_mask_promp
     assert torch.equal(result.labels, torch.as_tensor(ellipsoid).long()), "the same masks as with boxes alone"
     start, first_step = trained.seen[0], trained.seen[1]
     assert bool((start == -1).all()), "the key slice has no previous mask"
-    assert torch.equal(first_step[0] > 0, torch.as_tensor(ellipsoid[..., 10])), "slice 9 gets slice 10's mask"
-    assert torch.equal(first_step[1] > 0, torch.as_tensor(ellipsoid[..., 10])), "... and so does slice 11"
+    shrunk = torch.as_tensor(ndimage.binary_erosion(ellipsoid[..., 10], np.ones((3, 3))))
+    assert torch.equal(first_step[0] > 0, shrunk), "slice 9 gets slice 10's mask, a pixel smaller (mask_shrink)"
+    assert torch.equal(first_step[1] > 0, shrunk), "... and so does slice 11"
+    exact = RecordsMaskPrompts({"mask_prompt_fraction": 0.5})
+    PromptEngine(exact, rule=StopRule(min_area_fraction=0.0, mask_shrink=0)).segment(image, [key])
+    assert torch.equal(exact.seen[1][0] > 0, torch.as_tensor(ellipsoid[..., 10])), "mask_shrink 0: the mask as is"
     boxes_only = RecordsMaskPrompts({"click_fraction": 0.5})
     PromptEngine(boxes_only, rule=StopRule(min_area_fraction=0.0)).segment(image, [key])
     assert all(seen is None for seen in boxes_only.seen), "a model trained on boxes gets boxes"
