@@ -21,14 +21,23 @@ from samparser_monai.label.config import LabelConfig
 from samparser_monai.label.geometry import read_geometry
 from samparser_monai.label.model import LiveModel
 from samparser_monai.label.refine import refine_file
-from samparser_monai.label.requests import RequestError, plan_prompts
+from samparser_monai.label.requests import RequestError, parse_points, plan_prompts
 
 #: The app's propagation rule: its click boxes are loose (``click_box_mm``) and every result is clipped to the
 #: request's bounds (``PromptPlan.keep``), so it propagates with a margin and stops late, as measured in its server
 #: tests (ROI Dice 0.357, click 0.398 zero-shot); the engine's tight-box defaults suit tight key-slice boxes.
 APP_RULE = StopRule(min_iou=0.5, min_overlap=0.3, margin=0.1, pad=1.0)
 
-__all__ = ["APP_RULE", "SamParserInferTask"]
+__all__ = ["APP_RULE", "SamParserInferTask", "app_rule"]
+
+
+def app_rule(fine_tuned: bool, clicks_as_boxes: bool) -> StopRule:
+    """The propagation rule of a request: :data:`APP_RULE` for the stock model and for boxes grown around clicks
+    (loose by design); the engine's measured rule for a fine-tuned model given an ROI or clicks as clicks
+    (:meth:`~samparser_monai.engines.StopRule.for_model`: a fine-tuned model fills its box, so propagated boxes shrink
+    a pixel; docs/benchmarks.md, "Boxes that shrink")."""
+    return StopRule.for_model(fine_tuned=True) if fine_tuned and not clicks_as_boxes else APP_RULE
+
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +101,8 @@ class SamParserInferTask(InferTask):
         loaded = time.perf_counter()
         work = tempfile.mkdtemp(prefix="samparser_label_")
         try:
-            # clicks as clicks go to a model trained on them: the engine's fine-tuned rule, measured for it
-            rule = StopRule.for_model(fine_tuned=True) if plan.source == "points" else APP_RULE
+            clicks = bool(parse_points(request.get("foreground"), "foreground"))  # checked by plan_prompts
+            rule = app_rule(checkpoint is not None, clicks_as_boxes=clicks and not clicks_trained)
             segmenter = VolumeSegmenter(
                 network, work, self.settings.intensity, self.settings.axis, self.settings.batch_size, rule=rule
             )

@@ -155,3 +155,13 @@ def test_refine_clips_to_the_roi_and_drops_what_background_clicks_hit(tmp_path):
     written = nib.load(path)
     assert written.get_data_dtype() == np.int16 and np.allclose(written.affine, affine)
     assert np.array_equal(np.asarray(written.dataobj), refined)
+
+
+def test_the_app_propagates_a_fine_tuned_model_with_the_engines_rule():
+    pytest.importorskip("monailabel", reason="the MONAI Label app needs the label extra")
+    from samparser_monai.engines import StopRule
+    from samparser_monai.label.infer import APP_RULE, app_rule
+
+    assert app_rule(fine_tuned=False, clicks_as_boxes=False) == APP_RULE, "the stock model: the rule tuned for it"
+    assert app_rule(fine_tuned=True, clicks_as_boxes=True) == APP_RULE, "loose boxes around clicks keep it"
+    assert app_rule(fine_tuned=True, clicks_as_boxes=False) == StopRule.for_model(fine_tuned=True)
