@@ -125,6 +125,7 @@ def image_2d_transforms(
     intensity: str = "uint8",
     track_meta: bool = True,
     click_fraction: float = 0.0,
+    mask_fraction: float = 0.0,
 ) -> Compose:
     """2D photographs or slices with binary masks (PNG/JPG, mask values 0/255): load, scale, binarise, prompt, resize.
 
@@ -134,7 +135,16 @@ def image_2d_transforms(
         intensity: ``"uint8"`` divides 8-bit images by 255; any intensity preset name applies that preset.
         track_meta: ``False`` (training) ends with plain tensors, see :func:`slice_transforms`.
         click_fraction: share of samples prompted with clicks, see :func:`slice_transforms`.
+        mask_fraction: must be 0: mask prompts come from neighbouring slices, which 2D images do not have.
+
+    Raises:
+        ValueError: ``mask_fraction`` > 0.
     """
+    if mask_fraction > 0:
+        raise ValueError(
+            f"train_mask_prompt_fraction {mask_fraction} needs the neighbouring slices of 3D volumes, and 2D images "
+            "have none: leave it 0 with the images_2d preset."
+        )
     scale = (
         ScaleIntensityRanged(keys="image", a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0, clip=True)
         if intensity == "uint8"

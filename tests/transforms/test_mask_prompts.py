@@ -7,7 +7,14 @@ import pytest
 import torch
 from monai.data import list_data_collate
 
-from samparser_monai.transforms import NO_MASK, MaskPromptd, UserBoxPromptd, grow_box, slice_transforms
+from samparser_monai.transforms import (
+    NO_MASK,
+    MaskPromptd,
+    UserBoxPromptd,
+    grow_box,
+    image_2d_transforms,
+    slice_transforms,
+)
 
 
 def _sample(next_slice: bool = True) -> dict:
@@ -92,3 +99,8 @@ def test_grow_box_shrinks_to_the_centre_and_stays_inside():
     assert grow_box(box, (20, 20), margin=1.0, pad=2.0).tolist() == [4.0, 2.0, 17.0, 9.0]
     assert grow_box(box, (8, 14), pad=5.0).tolist() == [4.0, 0.0, 13.0, 7.0], "inside the image"
     assert grow_box(box, (20, 20), pad=5.0, clip=torch.tensor([6.0, 3.0, 15.0, 9.0])).tolist() == [6.0, 3.0, 15.0, 9.0]
+
+
+def test_2d_images_refuse_mask_prompts_in_one_sentence():
+    with pytest.raises(ValueError, match="needs the neighbouring slices of 3D volumes, and 2D images have none"):
+        image_2d_transforms(64, mask_fraction=0.5)
