@@ -26,12 +26,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.sam import plain_tensor
 from samparser_monai.transforms.box_prompts import grow_box, mask_to_box
+from samparser_monai.transforms.mask_prompts import NO_MASK, morph_mask
 
 __all__ = [
     "FINE_TUNED_PAD",
@@ -343,13 +343,8 @@ class PromptEngine:
         """The previous slice's mask, eroded by ``mask_shrink`` (unless that empties it), for a propagated front;
         "no mask" (-1) on a start slice."""
         if front.direction == 0 or front.previous is None:
-            return torch.full(tuple(size), -1.0)
-        mask = front.previous.float()
-        radius = self.rule.mask_shrink
-        if radius > 0:
-            eroded = -F.max_pool2d(-mask[None, None], 2 * radius + 1, stride=1, padding=radius)[0, 0]
-            mask = eroded if bool(eroded.any()) else mask
-        return mask
+            return torch.full(tuple(size), NO_MASK)
+        return morph_mask(front.previous, -self.rule.mask_shrink).float()
 
     def _stop_reason(self, front: _Front, mask: torch.Tensor, iou: float, start_area: int, clicked: bool) -> str:
         """Why this front's mask ends its direction ("" to keep it). The user's own slices are always kept."""

@@ -20,7 +20,7 @@ from samparser_monai.transforms.intensity import (
     IntensityPresetd,
     PercentileNormalized,
 )
-from samparser_monai.transforms.mask_prompts import NO_MASK, MaskPromptd
+from samparser_monai.transforms.mask_prompts import NO_MASK, MaskPromptd, morph_mask
 from samparser_monai.transforms.pipelines import (
     BOX_PROTOCOLS,
     image_2d_transforms,
@@ -60,6 +60,7 @@ __all__ = [
     "image_2d_transforms",
     "jitter_box",
     "mask_to_box",
+    "morph_mask",
     "resize_longest_pad",
     "resized_size",
     "scale_box",

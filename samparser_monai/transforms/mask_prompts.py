@@ -20,7 +20,7 @@ from monai.transforms import MapTransform, Randomizable
 
 from samparser_monai.transforms.box_prompts import grow_box, mask_to_box
 
-__all__ = ["NO_MASK", "MaskPromptd"]
+__all__ = ["NO_MASK", "MaskPromptd", "morph_mask"]
 
 #: the value that fills a mask prompt meaning "no mask"
 NO_MASK = -1.0
@@ -89,16 +89,17 @@ class MaskPromptd(Randomizable, MapTransform):
         if prompted and neighbours is not None and boxes.shape[0] == 1:
             sides = [k for k in (side, 1 - side) if bool(neighbours[k].any())]
             if sides:
-                mask = _morphed(torch.as_tensor(neighbours[sides[0]]) > 0, change)
+                mask = morph_mask(torch.as_tensor(neighbours[sides[0]]) > 0, change)
                 boxes[0] = grow_box(mask_to_box(mask), mask.shape, self.margin, self.pad)
                 prompt[0] = mask.float()
         d[self.box_key], d[self.mask_key] = boxes, prompt
         return d
 
 
-def _morphed(mask: torch.Tensor, pixels: int) -> torch.Tensor:
+def morph_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
     """``mask`` (``H x W`` bool) dilated (``pixels`` > 0) or eroded (< 0) by a square of that radius; an erosion
-    that would empty it leaves it as it is."""
+    that would empty it leaves it as it is. Training perturbs mask prompts with it, and propagation shrinks the
+    previous mask with it (``StopRule.mask_shrink``)."""
     if pixels == 0:
         return mask
     size = 2 * abs(pixels) + 1
