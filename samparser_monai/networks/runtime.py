@@ -9,8 +9,9 @@ are cheap:
   folded into its weights, channels-last memory (oneDNN's native layout: no reorder around every convolution) and,
   on the CPU, one image at a time (LiteMedSAM's activations at batch 8 outgrow the CPU caches: 2.5 s an image against
   1.0 s). The same embeddings as ``eager`` up to float rounding (relative difference ~1e-6).
-- ``torch-bf16``: the same in bfloat16 autocast, for CPUs with native bfloat16 (``avx512_bf16`` or AMX: recent
-  AMD and Intel server and some laptop parts); embeddings differ by a few percent, so check the masks on your data
+- ``torch-bf16``: the same in bfloat16 autocast, and the mask decoder's two-way transformer too (a fifth of a
+  label-prompted case once the encoder is fast), for CPUs with native bfloat16 (``avx512_bf16`` or AMX: recent AMD
+  and Intel server and some laptop parts); embeddings differ by a few percent, so check the masks on your data
   (docs/benchmarks.md has the Dice against fp32). Elsewhere it is emulated and slower: a warning says so.
 - ``eager``: the network exactly as built (PyTorch eager fp32 in the caller's batches), the reference.
 - ``onnxruntime``: the encoder exported to ONNX and run by an onnxruntime session.
@@ -28,7 +29,10 @@ import hashlib
 import logging
 import os
 import warnings
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,6 +45,7 @@ __all__ = [
     "RUNTIMES",
     "OnnxImageEncoder",
     "TorchImageEncoder",
+    "autocast_forward",
     "default_cache_dir",
     "encoder_fingerprint",
     "fuse_conv_batchnorm",
@@ -148,6 +153,23 @@ class TorchImageEncoder(nn.Module):
         return out.to(x.dtype)
 
 
+def _autocast_call(forward: Callable, dtype: torch.dtype, *args: Any, **kwargs: Any) -> Any:
+    """``forward(*args, **kwargs)`` under ``torch.autocast`` in ``dtype``; floating outputs back in float32."""
+    device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+    with torch.autocast(device, dtype):
+        out = forward(*args, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(o.float() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
+    return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
+
+
+def autocast_forward(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
+    """Run ``module``'s forward under ``torch.autocast`` in ``dtype`` (its float outputs come back in float32), in
+    place; its submodules, names and state-dict keys stay as they are. Returns ``module``."""
+    module.forward = partial(_autocast_call, module.forward, dtype)
+    return module
+
+
 def native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 natively (``avx512_bf16`` or ``amx_bf16`` in /proc/cpuinfo; Linux x86)."""
     try:
@@ -244,6 +266,7 @@ def use_runtime(
             logger.warning("this CPU has no native bfloat16 (avx512_bf16 or AMX): --runtime torch-bf16 will be slower "
                            "than --runtime torch here")  # fmt: skip
         model.image_encoder = TorchImageEncoder(model.image_encoder, autocast_dtype=torch.bfloat16)
+        autocast_forward(model.mask_decoder.transformer, torch.bfloat16)
         return model
     if not optional_import("onnxruntime")[1]:
         raise ImportError(_MISSING)

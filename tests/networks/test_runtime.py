@@ -73,6 +73,28 @@ def test_bfloat16_runtime_returns_fp32_embeddings_close_to_eager():
     assert 0 < error < 0.05, error
 
 
+def test_bfloat16_runtime_also_runs_the_decoder_transformer_in_bfloat16():
+    image = torch.rand(2, 1, 40, 52)
+    box = torch.tensor([[[5.0, 6.0, 30.0, 28.0]], [[10.0, 3.0, 45.0, 35.0]]])
+    reference = merged_model("tiny").eval()
+    model = use_runtime(merged_model("tiny").eval(), "torch-bf16")
+    assert model.mask_decoder.state_dict().keys() == reference.mask_decoder.state_dict().keys(), "names unchanged"
+    seen = []
+    model.mask_decoder.transformer.final_attn_token_to_image.register_forward_hook(
+        lambda module, args, out: seen.append((torch.is_autocast_enabled("cpu"), out.dtype))
+    )
+    with torch.inference_mode():
+        embeddings = reference.encode(image)  # the decoder alone: the same embeddings for both
+        expected = reference.decode(embeddings, box, image.shape[-2:])
+        got = model.decode(embeddings, box, image.shape[-2:])
+        logits, iou = model.decode_prompts(embeddings, image.shape[-2:], box=box[:, 0])
+    assert seen and all(enabled and dtype == torch.bfloat16 for enabled, dtype in seen), seen
+    assert got.dtype == logits.dtype == iou.dtype == torch.float32 and got.shape == expected.shape
+    error = float((got - expected).norm() / expected.norm())
+    assert 0 < error < 0.05, error
+    assert torch.allclose(logits, got[:, 0], atol=1e-4)
+
+
 def test_onnxruntime_encoder_matches_torch_and_is_exported_once_per_weights(tmp_path):
     image = torch.rand(2, 1, 40, 52)
     box = torch.tensor([[[5.0, 6.0, 30.0, 28.0]], [[10.0, 3.0, 45.0, 35.0]]])
