@@ -128,7 +128,7 @@ def test_a_missing_runtime_package_is_one_sentence(monkeypatch):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not CONFTEST_DATA.is_dir(), reason=f"real data not found at {CONFTEST_DATA}")
-@pytest.mark.parametrize("name", ["torch", "onnxruntime"])
+@pytest.mark.parametrize("name", ["torch", "torch-bf16", "onnxruntime"])
 def test_runtime_masks_match_eager_torch_on_a_real_lite_medsam_slice(tmp_path, name):
     import nibabel as nib
 
@@ -147,4 +147,6 @@ def test_runtime_masks_match_eager_torch_on_a_real_lite_medsam_slice(tmp_path, n
         if name == "torch":
             assert model.image_encoder.fused > 0, "LiteMedSAM's TinyViT has conv + batch norm pairs to fold"
         got = model(image, box) > 0
-    assert expected.any() and _dice(got, expected) >= 0.99
+    # the exact runtimes give eager's masks; bfloat16 is an approximation (docs/benchmarks.md: label maps agree at
+    # Dice ~0.97 with eager's, Dice against the reference within 0.006 per case), measured here at 0.966
+    assert expected.any() and _dice(got, expected) >= (0.95 if name == "torch-bf16" else 0.99)
