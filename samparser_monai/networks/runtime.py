@@ -131,8 +131,9 @@ class TorchImageEncoder(nn.Module):
     Args:
         encoder: the image encoder of a merged model, in eval mode (changed in place).
         cpu_batch: images per forward on the CPU.
-        autocast_dtype: run under ``torch.autocast`` in this dtype (``torch.bfloat16``); the embeddings come back
-            in the input's dtype. None: fp32.
+        autocast_dtype: run under ``torch.autocast`` in this dtype (``torch.bfloat16``), except the patch embedding,
+            which sees the image itself (in bfloat16 it carried most of the embeddings' error: 8.5% against 5.6%
+            relative, at the same speed); the embeddings come back in the input's dtype. None: fp32.
     """
 
     def __init__(self, encoder: nn.Module, cpu_batch: int = 1, autocast_dtype: torch.dtype | None = None) -> None:
@@ -141,6 +142,8 @@ class TorchImageEncoder(nn.Module):
         self.encoder = encoder.to(memory_format=torch.channels_last)
         self.cpu_batch = cpu_batch
         self.autocast_dtype = autocast_dtype
+        if autocast_dtype is not None and hasattr(encoder, "patch_embed"):
+            autocast_forward(encoder.patch_embed, None)  # the image itself in bfloat16 loses most: keep it in fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Embeddings of ``x`` (``B x 3 x S x S``, preprocessed), contiguous as the wrapped encoder returns them."""
@@ -153,19 +156,23 @@ class TorchImageEncoder(nn.Module):
         return out.to(x.dtype)
 
 
-def _autocast_call(forward: Callable, dtype: torch.dtype, *args: Any, **kwargs: Any) -> Any:
-    """``forward(*args, **kwargs)`` under ``torch.autocast`` in ``dtype``; floating outputs back in float32."""
+def _autocast_call(forward: Callable, dtype: torch.dtype | None, *args: Any, **kwargs: Any) -> Any:
+    """``forward(*args, **kwargs)`` under ``torch.autocast`` in ``dtype`` (None: autocast off, float inputs in
+    float32); floating outputs back in float32."""
     device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
-    with torch.autocast(device, dtype):
+    if dtype is None:
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+    with torch.autocast(device, dtype or torch.bfloat16, enabled=dtype is not None):
         out = forward(*args, **kwargs)
     if isinstance(out, tuple):
         return tuple(o.float() if isinstance(o, torch.Tensor) and o.is_floating_point() else o for o in out)
     return out.float() if isinstance(out, torch.Tensor) and out.is_floating_point() else out
 
 
-def autocast_forward(module: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Run ``module``'s forward under ``torch.autocast`` in ``dtype`` (its float outputs come back in float32), in
-    place; its submodules, names and state-dict keys stay as they are. Returns ``module``."""
+def autocast_forward(module: nn.Module, dtype: torch.dtype | None = torch.bfloat16) -> nn.Module:
+    """Run ``module``'s forward under ``torch.autocast`` in ``dtype`` (None: in float32, even inside an autocast
+    region), its float outputs in float32, in place; its submodules, names and state-dict keys stay as they are.
+    Returns ``module``."""
     module.forward = partial(_autocast_call, module.forward, dtype)
     return module
 
