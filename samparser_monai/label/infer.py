@@ -21,7 +21,7 @@ from samparser_monai.label.config import LabelConfig
 from samparser_monai.label.geometry import read_geometry
 from samparser_monai.label.model import LiveModel
 from samparser_monai.label.refine import refine_file
-from samparser_monai.label.requests import RequestError, parse_points, plan_prompts
+from samparser_monai.label.requests import RequestError, plan_prompts
 
 #: The app's propagation rule: its click boxes are loose (``click_box_mm``) and every result is clipped to the
 #: request's bounds (``PromptPlan.keep``), so it propagates with a margin and stops late, as measured in its server
@@ -101,8 +101,7 @@ class SamParserInferTask(InferTask):
         loaded = time.perf_counter()
         work = tempfile.mkdtemp(prefix="samparser_label_")
         try:
-            clicks = bool(parse_points(request.get("foreground"), "foreground"))  # checked by plan_prompts
-            rule = app_rule(checkpoint is not None, clicks_as_boxes=clicks and not clicks_trained)
+            rule = app_rule(checkpoint is not None, clicks_as_boxes=plan.clicks_as_boxes)
             segmenter = VolumeSegmenter(
                 network, work, self.settings.intensity, self.settings.axis, self.settings.batch_size, rule=rule
             )

@@ -64,12 +64,15 @@ class PromptPlan:
             ``[[i, j, k], ...]`` and ``"point_labels"``, with a ``"box"`` only for an ROI).
         keep: ``3 x 2`` inclusive voxel bounds the result is clipped to, or None.
         background: background clicks (voxel indices) whose connected piece of the result is removed.
+        clicks_as_boxes: the foreground clicks became boxes around them (a model not trained with clicks); the app
+            then propagates with the stock rule, whatever the model.
     """
 
     source: str
     boxes: list[dict[str, Any]]
     keep: np.ndarray | None = None
     background: list[tuple[int, int, int]] = field(default_factory=list)
+    clicks_as_boxes: bool = False
 
 
 def _number(value: Any) -> float | None:
@@ -302,9 +305,10 @@ def _click_plan(
         entries.append(_entry(bounds))
     if spans_slices:  # propagation stays within the ROI: nothing outside it is encoded or kept
         entries = [{**entry, "roi": _entry(roi)["box"]} for entry in entries]
-        return PromptPlan("propagate", entries, roi, background)
+        return PromptPlan("propagate", entries, roi, background, clicks_as_boxes=True)
     boxes = np.asarray([e["box"] for e in entries]).reshape(-1, 2, 3)
     union = np.stack([boxes[:, 0].min(axis=0), boxes[:, 1].max(axis=0)], axis=1)
     keys = (int(union[through, 0]), int(union[through, 1]))
     depth = _width_mm(roi, plane, geometry) if roi is not None else size_mm
-    return PromptPlan("propagate", entries, _bounded(union, keys, through, depth, geometry), background)
+    keep = _bounded(union, keys, through, depth, geometry)
+    return PromptPlan("propagate", entries, keep, background, clicks_as_boxes=True)

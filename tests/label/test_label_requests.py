@@ -30,7 +30,7 @@ PERMUTED = ImageGeometry((20, 40, 30), np.array([[0, 0, -1.0, 10], [0, 1.0, 0, 0
 def test_roi_layouts_and_swapped_bounds_give_the_same_box(roi):
     assert parse_roi(roi).tolist() == [[2, 9], [3, 12], [4, 8]]
     plan = plan_prompts({"roi": roi}, RAS)
-    assert plan.source == "roi" and plan.keep.tolist() == [[2, 9], [3, 12], [4, 8]]
+    assert plan.source == "roi" and plan.keep.tolist() == [[2, 9], [3, 12], [4, 8]] and not plan.clicks_as_boxes
     assert plan.boxes == [{"box": [2.0, 3.0, 4.0, 9.0, 12.0, 8.0], "space": "voxel", "label": 1}]
 
 
@@ -81,7 +81,7 @@ def test_two_dimensional_images_are_refused():
 
 def test_clicks_make_a_grown_box_per_clicked_slice_in_millimetres():
     plan = plan_prompts({"foreground": [[10, 20, 5], [12, 22, 5], [15, 15, 9]], "click_box_mm": 8}, RAS)
-    assert plan.source == "propagate"
+    assert plan.source == "propagate" and plan.clicks_as_boxes, "the app then keeps the stock rule for these boxes"
     assert [e["box"] for e in plan.boxes] == [[6.0, 16.0, 5.0, 16.0, 26.0, 5.0], [11.0, 11.0, 9.0, 19.0, 19.0, 9.0]]
     # kept within the click boxes in-plane, and +-4 mm (2 slices of 2 mm) past the clicked slices
     assert plan.keep.tolist() == [[6, 19], [11, 26], [3, 11]]
@@ -92,7 +92,7 @@ def test_clicks_make_a_grown_box_per_clicked_slice_in_millimetres():
 
 def test_clicks_with_an_roi_take_the_roi_box_and_stay_inside_it():
     plan = plan_prompts({"foreground": [[12, 15, 6]], "background": [[3, 4, 5]], "roi": [10, 20, 10, 20, 4, 8]}, RAS)
-    assert plan.source == "propagate" and plan.keep.tolist() == [[10, 20], [10, 20], [4, 8]]
+    assert plan.source == "propagate" and plan.keep.tolist() == [[10, 20], [10, 20], [4, 8]] and plan.clicks_as_boxes
     assert plan.boxes[0]["box"] == [10.0, 10.0, 6.0, 20.0, 20.0, 6.0]
     assert plan.background == [(3, 4, 5)]
 
@@ -101,6 +101,7 @@ def test_clicks_to_a_click_trained_model_are_sent_as_clicks():
     request = {"foreground": [[12, 15, 6], [13, 16, 6]], "background": [[3, 4, 5]]}
     plan = plan_prompts(request, RAS, click_points=True)
     assert plan.source == "points" and plan.keep is None and plan.background == [(3, 4, 5)]
+    assert not plan.clicks_as_boxes
     assert plan.boxes == [{"points": [[12.0, 15.0, 6.0], [13.0, 16.0, 6.0], [3.0, 4.0, 5.0]],
                            "point_labels": [1, 1, 0], "space": "voxel", "label": 1}]  # fmt: skip
     within = plan_prompts({**request, "roi": [10, 20, 10, 20, 4, 8]}, RAS, click_points=True)
