@@ -60,6 +60,10 @@ class StopRule:
             Past an object's end SAM's masks tend to grow into what lies beyond, rather than vanish.
         min_iou: SAM's predicted IoU of the mask is below this.
         min_overlap: less than this fraction of the new mask lies on the previous slice's mask (the object left).
+        roi_min_overlap: the same within an ROI (an object with a ``z_range``), where the ROI's bounds, not this
+            stop, keep propagation on the object: a curved object's mask moves further from slice to slice than a
+            key slice's runaway test allows (docs/benchmarks.md, "Stopping within an ROI"). None: ``min_overlap``;
+            :meth:`for_model` sets :data:`FINE_TUNED_ROI_OVERLAP` for a fine-tuned model.
         max_distance: slices from the start slice (0: no limit).
         margin: the previous mask's box is grown by this fraction of its size on each side ...
         pad: ... plus this many pixels. A loose box makes SAM fill it, and a mask that fills its box grows the next
@@ -79,6 +83,7 @@ class StopRule:
     max_area_fraction: float = 0.0
     min_iou: float = 0.7
     min_overlap: float = 0.8
+    roi_min_overlap: float | None = None
     max_distance: int = 0
     margin: float = 0.0
     pad: float = 0.0
@@ -101,10 +106,15 @@ class StopRule:
         mask is a little too large for the next slice and the masks grow slice after slice (to about twice the
         object's area 5 slices from the start); each propagated box then shrinks by :data:`FINE_TUNED_PAD` pixels a
         side. The stock model under-segments, and shrinking its boxes loses the object: it keeps ``pad`` 0
-        (docs/benchmarks.md, "Boxes that shrink"). A fine-tuned model answers a single click with its single-mask
-        output, the only one fine-tuning trains (``click_multimask``).
+        (docs/benchmarks.md, "Boxes that shrink"). Within an ROI a fine-tuned model's propagation stops on
+        :data:`FINE_TUNED_ROI_OVERLAP` overlap rather than ``min_overlap`` ("Stopping within an ROI"). A fine-tuned
+        model answers a single click with its single-mask output, the only one fine-tuning trains (``click_multimask``).
         """
-        values = {"pad": FINE_TUNED_PAD if fine_tuned else 0.0, "click_multimask": not fine_tuned}
+        values = {
+            "pad": FINE_TUNED_PAD if fine_tuned else 0.0,
+            "roi_min_overlap": FINE_TUNED_ROI_OVERLAP if fine_tuned else None,
+            "click_multimask": not fine_tuned,
+        }
         values.update(overrides)
         return cls(**values)
 
@@ -112,12 +122,16 @@ class StopRule:
 #: pixels each propagated box shrinks by (a side) for a fine-tuned model, chosen on the dev validation split
 FINE_TUNED_PAD = -1.0
 
+#: overlap with the previous mask below which propagation stops within an ROI, for a fine-tuned model (dev split)
+FINE_TUNED_ROI_OVERLAP = 0.5
+
 #: command-line flag -> (StopRule field, type, help)
 _RULE_FLAGS = {
     "--stop-area": ("min_area_fraction", float, "propagation stops below this fraction of the start slice's mask area"),
     "--stop-growth": ("max_area_fraction", float, "... or above this multiple of it (0: no limit)"),
     "--stop-iou": ("min_iou", float, "... or below this predicted IoU"),
     "--stop-overlap": ("min_overlap", float, "... or when less than this fraction of a mask lies on the previous one"),
+    "--stop-overlap-roi": ("roi_min_overlap", float, "... the same within an ROI"),
     "--max-distance": ("max_distance", int, "... or this many slices from the start (0: no limit)"),
     "--margin": ("margin", float, "each propagated box is the previous mask's box grown by this fraction of its size"),
     "--pad": ("pad", float, "... plus this many pixels (negative: shrunk)"),
@@ -125,13 +139,19 @@ _RULE_FLAGS = {
 }
 
 
+#: rule fields whose default depends on the model (:meth:`StopRule.for_model`), as their flags' help shows them
+_BY_MODEL = {
+    "pad": f"{FINE_TUNED_PAD:g} with a fine-tuned --checkpoint, 0 for the stock model",
+    "roi_min_overlap": f"{FINE_TUNED_ROI_OVERLAP:g} with a fine-tuned --checkpoint, --stop-overlap for the stock model",
+}
+
+
 def add_stop_rule_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the :class:`StopRule` settings to a command's parser as flags (``--stop-area`` ...), defaults shown."""
     rule = StopRule()
     for flag, (name, kind, text) in _RULE_FLAGS.items():
-        if name == "pad":  # depends on the model: resolved by stop_rule_from_args
-            default_text = f"{FINE_TUNED_PAD:g} with a fine-tuned --checkpoint, 0 for the stock model"
-            parser.add_argument(flag, type=kind, default=None, help=f"{text} (default {default_text})")
+        if name in _BY_MODEL:  # depends on the model: resolved by stop_rule_from_args
+            parser.add_argument(flag, type=kind, default=None, help=f"{text} (default {_BY_MODEL[name]})")
             continue
         default = getattr(rule, name)
         parser.add_argument(flag, type=kind, default=default, help=f"{text} (default {default})")
@@ -271,7 +291,8 @@ class PromptEngine:
                 obj = objects[front.index]
                 mask = slice_logits > 0
                 clicked = obj.clicks_on(front.slice) is not None
-                reason = self._stop_reason(front, mask, float(iou), start_area[front.index], clicked)
+                in_roi = obj.z_range is not None
+                reason = self._stop_reason(front, mask, float(iou), start_area[front.index], clicked, in_roi)
                 trace[front.index].append(self._trace_row(front, mask, float(iou), start_area[front.index], reason))
                 if reason:
                     stops[front.index].append(reason)
@@ -346,7 +367,9 @@ class PromptEngine:
             return torch.full(tuple(size), NO_MASK)
         return morph_mask(front.previous, -self.rule.mask_shrink).float()
 
-    def _stop_reason(self, front: _Front, mask: torch.Tensor, iou: float, start_area: int, clicked: bool) -> str:
+    def _stop_reason(
+        self, front: _Front, mask: torch.Tensor, iou: float, start_area: int, clicked: bool, in_roi: bool = False
+    ) -> str:
         """Why this front's mask ends its direction ("" to keep it). The user's own slices are always kept."""
         area = int(mask.sum())
         if area == 0:
@@ -360,7 +383,8 @@ class PromptEngine:
             return "growth"
         if iou < rule.min_iou:
             return "iou"
-        if front.previous is not None and int((mask & front.previous).sum()) < rule.min_overlap * area:
+        min_overlap = rule.roi_min_overlap if in_roi and rule.roi_min_overlap is not None else rule.min_overlap
+        if front.previous is not None and int((mask & front.previous).sum()) < min_overlap * area:
             return "overlap"
         return ""
 

@@ -18,6 +18,7 @@ from torch import nn
 from samparser_monai.engines import label_box_prompts
 from samparser_monai.engines.prompt_engine import (
     FINE_TUNED_PAD,
+    FINE_TUNED_ROI_OVERLAP,
     ObjectPrompt,
     PromptEngine,
     StopRule,
@@ -26,6 +27,7 @@ from samparser_monai.engines.prompt_engine import (
 )
 from samparser_monai.engines.prompt_files import json_box_prompts, json_object_prompts, load_box_json
 from samparser_monai.transforms import volume_transforms
+from samparser_monai.transforms.box_prompts import mask_to_box
 
 # a permuted, flipped, anisotropic, shifted grid: stored axes (i, j, k) run along (-y, x, z) in RAS
 AFFINE = np.array([[0.0, 0.8, 0.0, -20.0], [-1.2, 0.0, 0.0, 35.0], [0.0, 0.0, 2.5, -7.0], [0.0, 0.0, 0.0, 1.0]])
@@ -319,16 +321,35 @@ def test_the_growth_rule_stops_a_mask_that_spreads_past_the_object():
     assert run.slices == [kept] and sorted(run.stops[0]) == ["growth", "volume"]
 
 
+def test_within_an_roi_propagation_follows_a_moving_object_past_the_key_slice_overlap_stop():
+    image = torch.zeros(1, 40, 40, 8)
+    for s in range(8):  # a 10 x 10 square moving 3 pixels a slice: 70% of each mask lies on the previous one
+        image[0, 10:20, 3 + 3 * s : 13 + 3 * s, s] = 1.0
+    rule = StopRule(min_area_fraction=0.0, margin=1.0, min_overlap=0.8, roi_min_overlap=0.5)
+    key = ObjectPrompt(label=1, slice=3, box=mask_to_box(image[0, :, :, 3] > 0))
+    run = PromptEngine(BrightInsideBox(), rule=rule).segment(image, [key])
+    assert run.slices == [[3]] and run.stops[0] == ["overlap", "overlap"], "a key slice: 70% < 80%, stopped"
+    roi = ObjectPrompt(label=1, slice=3, box=key.box, z_range=(1, 6))
+    run = PromptEngine(BrightInsideBox(), rule=rule).segment(image, [roi])
+    assert run.slices == [list(range(1, 7))] and run.stops[0] == ["roi", "roi"], "within an ROI: 70% >= 50%, kept"
+    assert torch.equal(run.labels[..., 1:7].bool(), image[0, ..., 1:7] > 0)
+    without = StopRule(min_area_fraction=0.0, margin=1.0, min_overlap=0.8)  # roi_min_overlap None: min_overlap
+    assert PromptEngine(BrightInsideBox(), rule=without).segment(image, [roi]).slices == [[3]]
+
+
 def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
     assert StopRule.for_model(fine_tuned=False) == StopRule()
     fine_tuned = StopRule.for_model(fine_tuned=True)
-    assert fine_tuned == StopRule(pad=FINE_TUNED_PAD, click_multimask=False) and FINE_TUNED_PAD < 0
+    expected = StopRule(pad=FINE_TUNED_PAD, roi_min_overlap=FINE_TUNED_ROI_OVERLAP, click_multimask=False)
+    assert fine_tuned == expected and FINE_TUNED_PAD < 0 and FINE_TUNED_ROI_OVERLAP < StopRule().min_overlap
     parser = argparse.ArgumentParser()
     add_stop_rule_arguments(parser)
-    assert stop_rule_from_args(parser.parse_args([]), fine_tuned=False).pad == 0.0
-    assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True).pad == FINE_TUNED_PAD
-    explicit = stop_rule_from_args(parser.parse_args(["--pad", "0", "--stop-iou", "0.5"]), fine_tuned=True)
-    assert explicit == StopRule(pad=0.0, min_iou=0.5, click_multimask=False), "a flag the user gives wins"
+    assert stop_rule_from_args(parser.parse_args([]), fine_tuned=False) == StopRule()
+    assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True) == expected
+    explicit = stop_rule_from_args(
+        parser.parse_args(["--pad", "0", "--stop-iou", "0.5", "--stop-overlap-roi", "0.7"]), fine_tuned=True
+    )
+    assert explicit == StopRule(pad=0.0, min_iou=0.5, roi_min_overlap=0.7, click_multimask=False), "flags win"
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True).mask_prompt is None, "auto: the checkpoint's"
     assert stop_rule_from_args(parser.parse_args(["--mask-prompt", "off"]), fine_tuned=True).mask_prompt is False
     assert stop_rule_from_args(parser.parse_args(["--mask-prompt", "on"]), fine_tuned=True).mask_prompt is True
