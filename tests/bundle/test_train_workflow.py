@@ -204,7 +204,7 @@ def test_training_with_user_like_boxes(tmp_path, small_dataset, protocol):
 
 def test_training_with_clicks(tmp_path, small_dataset):
     """train_click_fraction: samples carry clicks, the trainer passes them to the network, and it trains."""
-    workflow = _train(tmp_path, small_dataset, train_click_fraction=1.0)
+    workflow = _train(tmp_path, small_dataset, train_click_fraction=1.0, train_mask_prompt_fraction=0.0)
     expected = {"box": "box", "points": "points", "point_labels": "point_labels"}
     assert workflow.parser.get_parsed_content("train#prepare_batch").extra_keys == expected
     seen = []
@@ -216,6 +216,23 @@ def test_training_with_clicks(tmp_path, small_dataset):
     assert seen[:2] == [["box", "point_labels", "points"]] * 2, "box, points and point labels reach the network"
     saved = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
     assert saved["training_prompts"] == {"click_fraction": 1.0, "mask_prompt_fraction": 0.0}
+    workflow.finalize()
+
+
+def test_training_with_clicks_and_mask_prompts_together(tmp_path, small_dataset):
+    """Both knobs at once: every sample reaches the network with its box, clicks and mask prompt."""
+    workflow = _train(tmp_path, small_dataset, train_click_fraction=0.5, train_mask_prompt_fraction=0.5)
+    expected = {"box": "box", "points": "points", "point_labels": "point_labels", "mask_prompt": "mask_prompt"}
+    assert workflow.parser.get_parsed_content("train#prepare_batch").extra_keys == expected
+    seen = []
+    network = workflow.parser.get_parsed_content("network")
+    network.register_forward_hook(lambda module, args, kwargs, output: seen.append(sorted(kwargs)), with_kwargs=True)
+    workflow.run()
+    trainer = workflow.parser.get_parsed_content("train#trainer")
+    assert trainer.state.iteration == 2 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
+    assert seen[:2] == [["box", "mask_prompt", "point_labels", "points"]] * 2
+    saved = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
+    assert saved["training_prompts"] == {"click_fraction": 0.5, "mask_prompt_fraction": 0.5}
     workflow.finalize()
 
 
