@@ -202,10 +202,12 @@ def test_training_with_user_like_boxes(tmp_path, small_dataset, protocol):
     workflow.finalize()
 
 
-def test_training_with_clicks(tmp_path, small_dataset):
-    """train_click_fraction: samples carry clicks, the trainer passes them to the network, and it trains."""
-    workflow = _train(tmp_path, small_dataset, train_click_fraction=1.0, train_mask_prompt_fraction=0.0)
+def _prompts_reaching_the_network(tmp_path, small_dataset, clicks: float, masks: float) -> list[list[str]]:
+    """Train 2 steps with these prompt shares; the prompt keywords of each forward, after checking the extra keys,
+    the loss and the checkpoint's ``training_prompts``."""
+    workflow = _train(tmp_path, small_dataset, train_click_fraction=clicks, train_mask_prompt_fraction=masks)
     expected = {"box": "box", "points": "points", "point_labels": "point_labels"}
+    expected.update({"mask_prompt": "mask_prompt"} if masks else {})
     assert workflow.parser.get_parsed_content("train#prepare_batch").extra_keys == expected
     seen = []
     network = workflow.parser.get_parsed_content("network")
@@ -213,27 +215,22 @@ def test_training_with_clicks(tmp_path, small_dataset):
     workflow.run()
     trainer = workflow.parser.get_parsed_content("train#trainer")
     assert trainer.state.iteration == 2 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
-    assert seen[:2] == [["box", "point_labels", "points"]] * 2, "box, points and point labels reach the network"
     saved = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
-    assert saved["training_prompts"] == {"click_fraction": 1.0, "mask_prompt_fraction": 0.0}
+    assert saved["training_prompts"] == {"click_fraction": clicks, "mask_prompt_fraction": masks}
     workflow.finalize()
+    return seen
+
+
+def test_training_with_clicks(tmp_path, small_dataset):
+    """train_click_fraction: samples carry clicks, the trainer passes them to the network, and it trains."""
+    seen = _prompts_reaching_the_network(tmp_path, small_dataset, clicks=1.0, masks=0.0)
+    assert seen[:2] == [["box", "point_labels", "points"]] * 2, "box, points and point labels reach the network"
 
 
 def test_training_with_clicks_and_mask_prompts_together(tmp_path, small_dataset):
     """Both knobs at once: every sample reaches the network with its box, clicks and mask prompt."""
-    workflow = _train(tmp_path, small_dataset, train_click_fraction=0.5, train_mask_prompt_fraction=0.5)
-    expected = {"box": "box", "points": "points", "point_labels": "point_labels", "mask_prompt": "mask_prompt"}
-    assert workflow.parser.get_parsed_content("train#prepare_batch").extra_keys == expected
-    seen = []
-    network = workflow.parser.get_parsed_content("network")
-    network.register_forward_hook(lambda module, args, kwargs, output: seen.append(sorted(kwargs)), with_kwargs=True)
-    workflow.run()
-    trainer = workflow.parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == 2 and torch.isfinite(torch.as_tensor(trainer.state.output[0]["loss"]))
+    seen = _prompts_reaching_the_network(tmp_path, small_dataset, clicks=0.5, masks=0.5)
     assert seen[:2] == [["box", "mask_prompt", "point_labels", "points"]] * 2
-    saved = torch.load(tmp_path / "bundle" / "models" / "model.pt", weights_only=True)
-    assert saved["training_prompts"] == {"click_fraction": 0.5, "mask_prompt_fraction": 0.5}
-    workflow.finalize()
 
 
 def test_training_with_mask_prompts(tmp_path, small_dataset):
