@@ -132,8 +132,8 @@ class TorchImageEncoder(nn.Module):
         encoder: the image encoder of a merged model, in eval mode (changed in place).
         cpu_batch: images per forward on the CPU.
         autocast_dtype: run under ``torch.autocast`` in this dtype (``torch.bfloat16``), except the patch embedding,
-            which sees the image itself (in bfloat16 it carried most of the embeddings' error: 8.5% against 5.6%
-            relative, at the same speed); the embeddings come back in the input's dtype. None: fp32.
+            which sees the image itself and stays in fp32 at no cost in speed (the masks agree more closely with fp32's:
+            docs/benchmarks.md, "Inference runtimes"); the embeddings come back in the input's dtype. None: fp32.
     """
 
     def __init__(self, encoder: nn.Module, cpu_batch: int = 1, autocast_dtype: torch.dtype | None = None) -> None:
