@@ -6,7 +6,9 @@ slice prompted with the box of the previous slice's mask grown by a margin (the 
 protocol). A direction stops by the :class:`StopRule` (mask area against the start slice's, SAM's predicted IoU,
 overlap with the previous mask, distance), and never leaves an ROI's z-range or in-plane extent. Slices that hold an
 object's own clicks are prompted with the propagated box plus those clicks and always kept, so later clicks refine
-their slice and the propagation continues from the corrected mask.
+their slice and the propagation continues from the corrected mask. A positive click on a slice that no propagation
+reached (past where the object's masks stopped) starts the object again there, from its clicks, once propagation has
+stopped everywhere; that start propagates both ways until it meets the object's other masks.
 
 Several objects in one volume share every encoded slice (each slice goes through the encoder once per call).
 Where two objects claim a voxel, the higher logit wins (an exact tie: the lower label id), whatever the order of the
@@ -64,6 +66,10 @@ class StopRule:
             stop, keep propagation on the object: a curved object's mask moves further from slice to slice than a
             key slice's runaway test allows (docs/benchmarks.md, "Stopping within an ROI"). None: ``min_overlap``;
             :meth:`for_model` sets :data:`FINE_TUNED_ROI_OVERLAP` for a fine-tuned model.
+        max_claimed: more than this fraction of the new mask lies on another object's mask on the same slice, kept
+            nearer that object's own start (0: no limit). A propagated mask that has run into a neighbouring object
+            yields to it, and its direction ends there; which object yields depends only on the distances from the
+            start slices, never on the order of the objects.
         max_distance: slices from the start slice (0: no limit).
         margin: the previous mask's box is grown by this fraction of its size on each side ...
         pad: ... plus this many pixels. A loose box makes SAM fill it, and a mask that fills its box grows the next
@@ -84,6 +90,7 @@ class StopRule:
     min_iou: float = 0.7
     min_overlap: float = 0.8
     roi_min_overlap: float | None = None
+    max_claimed: float = 0.0
     max_distance: int = 0
     margin: float = 0.0
     pad: float = 0.0
@@ -132,6 +139,11 @@ _RULE_FLAGS = {
     "--stop-iou": ("min_iou", float, "... or below this predicted IoU"),
     "--stop-overlap": ("min_overlap", float, "... or when less than this fraction of a mask lies on the previous one"),
     "--stop-overlap-roi": ("roi_min_overlap", float, "... the same within an ROI"),
+    "--stop-claimed": (
+        "max_claimed",
+        float,
+        "... or when more than this fraction of a mask lies on another object's mask nearer its own start (0: off)",
+    ),
     "--max-distance": ("max_distance", int, "... or this many slices from the start (0: no limit)"),
     "--margin": ("margin", float, "each propagated box is the previous mask's box grown by this fraction of its size"),
     "--pad": ("pad", float, "... plus this many pixels (negative: shrunk)"),
@@ -214,10 +226,13 @@ class PromptResult:
         encoded: slice indices that went through the image encoder in this call (each once).
         slices: per object (in the order given), the slices where its mask was kept.
         stops: per object, why each direction stopped (``"area"``, ``"growth"``, ``"iou"``, ``"overlap"``,
-            ``"distance"``, ``"roi"``, ``"empty"``, ``"volume"``).
+            ``"claimed"``, ``"distance"``, ``"roi"``, ``"empty"``, ``"volume"``, ``"met"``: reached the object's
+            masks from another start); ``"click-roi"`` / ``"click-volume"``...: a click no propagation reached, outside
+            the object's ROI or the volume, so it started nothing.
         trace: per object, one row per decoded slice: ``slice``, ``direction``, ``area`` (pixels), ``area_fraction``
             (of the start slice's), ``iou`` (SAM's prediction), ``overlap`` (share of the mask on the previous
-            slice's) and ``stop`` (the reason, or "" when kept): what a stop rule is chosen from.
+            slice's), ``claimed`` (share of the mask on other objects' masks kept nearer their starts) and ``stop``
+            (the reason, or "" when kept): what a stop rule is chosen from.
     """
 
     labels: torch.Tensor
@@ -234,6 +249,7 @@ class _Front:
     box: torch.Tensor | None
     direction: int  # 0 at the start slice, -1 / +1 when propagating
     previous: torch.Tensor | None = None  # the previous slice's mask
+    start_area: int = 0  # pixels of the mask on the slice this front started from
 
 
 class PromptEngine:
@@ -280,42 +296,65 @@ class PromptEngine:
         before = set(embeddings)
         logits: list[dict[int, torch.Tensor]] = [{} for _ in objects]
         prompted: list[set[int]] = [set() for _ in objects]  # slices the user prompted, per object
-        start_area = [0] * len(objects)
         stops: list[list[str]] = [[] for _ in objects]
         trace: list[list[dict]] = [[] for _ in objects]
+        started = [{obj.slice} for obj in objects]
         fronts = [_Front(i, obj.slice, obj.box, 0) for i, obj in enumerate(objects)]
-        while fronts:
+        while fronts:  # one wave: every front is as far from its start as every other
             self._encode(model, image, {f.slice for f in fronts}, embeddings)
+            kept_earlier = [set(per_object) for per_object in logits]  # nearer their starts than this wave
             next_fronts = []
             for front, (slice_logits, iou) in zip(fronts, self._decode(model, image, objects, fronts, embeddings)):
                 obj = objects[front.index]
                 mask = slice_logits > 0
                 clicked = obj.clicks_on(front.slice) is not None
                 in_roi = obj.z_range is not None
-                reason = self._stop_reason(front, mask, float(iou), start_area[front.index], clicked, in_roi)
-                trace[front.index].append(self._trace_row(front, mask, float(iou), start_area[front.index], reason))
+                claimed = self._claimed(front, mask, logits, kept_earlier)
+                reason = self._stop_reason(front, mask, float(iou), front.start_area, clicked, in_roi, claimed)
+                trace[front.index].append(self._trace_row(front, mask, float(iou), front.start_area, reason, claimed))
                 if reason:
                     stops[front.index].append(reason)
                     continue
                 logits[front.index][front.slice] = slice_logits
                 if front.direction == 0 or clicked:
                     prompted[front.index].add(front.slice)
-                if front.direction == 0:
-                    start_area[front.index] = int(mask.sum())
+                start_area = int(mask.sum()) if front.direction == 0 else front.start_area
                 box = self._next_box(mask, obj.clip)
                 for step in (-1, 1) if front.direction == 0 else (front.direction,):
                     target = front.slice + step
                     reason = self._out_of_bounds(obj, target, n_slices)
+                    if not reason and target in logits[front.index]:
+                        reason = "met"  # reached a slice of this object segmented from another start
                     if reason:
                         stops[front.index].append(reason)
                     else:
-                        next_fronts.append(_Front(front.index, target, box, step, mask))
-            fronts = next_fronts
+                        next_fronts.append(_Front(front.index, target, box, step, mask, start_area))
+            fronts = next_fronts or self._restarts(objects, logits, started, n_slices, stops)
         labels = self._fuse(image.shape[1:], objects, logits, prompted)
         slices = [sorted(per_object) for per_object in logits]
         return PromptResult(labels, sorted(set(embeddings) - before), slices, stops, trace)
 
     # ------------------------------------------------------------------------------------------------------ steps
+    def _restarts(self, objects, logits, started, n_slices: int, stops: list[list[str]]) -> list[_Front]:
+        """Once propagation has stopped everywhere: per object, a new start on its first slice with a positive click
+        that no propagation reached (a click past where the object's masks ended), from the clicks alone."""
+        fronts = []
+        for i, obj in enumerate(objects):
+            if obj.points is None:
+                continue
+            points = torch.as_tensor(obj.points, dtype=torch.float32).reshape(-1, 3)
+            labels = torch.ones(len(points)) if obj.point_labels is None else torch.as_tensor(obj.point_labels)
+            clicked = sorted({int(s) for s in points[labels.reshape(-1) > 0, 2].round().long().tolist()})
+            for s in (s for s in clicked if s not in logits[i] and s not in started[i]):
+                started[i].add(s)
+                reason = self._out_of_bounds(obj, s, n_slices)
+                if reason:  # a click outside the volume or the object's ROI: said, not silently dropped
+                    stops[i].append(f"click-{reason}")
+                    continue
+                fronts.append(_Front(i, s, None, 0))
+                break
+        return fronts
+
     def _encode(self, model, image: torch.Tensor, wanted: set[int], cache: dict[int, torch.Tensor]) -> None:
         missing = sorted(wanted - set(cache))
         device = next(model.parameters()).device
@@ -367,8 +406,28 @@ class PromptEngine:
             return torch.full(tuple(size), NO_MASK)
         return morph_mask(front.previous, -self.rule.mask_shrink).float()
 
+    @staticmethod
+    def _claimed(front: _Front, mask: torch.Tensor, logits: list[dict], kept_earlier: list[set[int]]) -> float:
+        """Share of ``mask`` on other objects' masks of the same slice kept in earlier waves (nearer their starts)."""
+        area = int(mask.sum())
+        others = [
+            logits[j][front.slice] > 0
+            for j, kept in enumerate(kept_earlier)
+            if j != front.index and front.slice in kept
+        ]
+        if not area or not others:
+            return 0.0
+        return int((mask & torch.stack(others).any(dim=0)).sum()) / area
+
     def _stop_reason(
-        self, front: _Front, mask: torch.Tensor, iou: float, start_area: int, clicked: bool, in_roi: bool = False
+        self,
+        front: _Front,
+        mask: torch.Tensor,
+        iou: float,
+        start_area: int,
+        clicked: bool,
+        in_roi: bool = False,
+        claimed: float = 0.0,
     ) -> str:
         """Why this front's mask ends its direction ("" to keep it). The user's own slices are always kept."""
         area = int(mask.sum())
@@ -386,15 +445,19 @@ class PromptEngine:
         min_overlap = rule.roi_min_overlap if in_roi and rule.roi_min_overlap is not None else rule.min_overlap
         if front.previous is not None and int((mask & front.previous).sum()) < min_overlap * area:
             return "overlap"
+        if rule.max_claimed and claimed > rule.max_claimed:
+            return "claimed"
         return ""
 
     @staticmethod
-    def _trace_row(front: _Front, mask: torch.Tensor, iou: float, start_area: int, reason: str) -> dict:
+    def _trace_row(
+        front: _Front, mask: torch.Tensor, iou: float, start_area: int, reason: str, claimed: float = 0.0
+    ) -> dict:
         area = int(mask.sum())
         overlap = 1.0 if front.previous is None or not area else int((mask & front.previous).sum()) / area
         return {"slice": front.slice, "direction": front.direction, "area": area,
                 "area_fraction": area / start_area if start_area else 1.0, "iou": round(iou, 4),
-                "overlap": round(overlap, 4), "stop": reason}  # fmt: skip
+                "overlap": round(overlap, 4), "claimed": round(claimed, 4), "stop": reason}  # fmt: skip
 
     def _out_of_bounds(self, obj: ObjectPrompt, target: int, n_slices: int) -> str:
         if not 0 <= target < n_slices:

@@ -223,6 +223,12 @@ def json_object_prompts(
             point_labels = torch.tensor(entry.get("point_labels", [1] * len(coords)), dtype=torch.float32)
             if not bool((point_labels > 0).any()):
                 raise ValueError(f"Prompt {dict(entry)!r} has no positive click: mark the object with a 1.")
+            if box is not None:  # an ROI with the clicks: a positive click outside it could start nothing
+                positive = coords[point_labels.numpy() > 0]
+                beyond = np.any((positive < bounds[0] - 0.5) | (positive > bounds[1] + 0.5), axis=1)
+                if beyond.any():
+                    bad = [p for p, v in zip(entry["points"], entry.get("point_labels", [1] * len(coords))) if v > 0]
+                    raise ValueError(f"Click {bad[int(np.argmax(beyond))]} ({entry['space']}) lies outside its box.")
         if source == "points":
             positive = points[point_labels > 0]
             start = int(torch.mode(positive[:, 2].round().long()).values)  # the slice with the most positive clicks

@@ -213,6 +213,26 @@ def test_the_order_of_the_labels_never_decides():
     assert torch.equal(engine.segment(image, objects).labels, engine.segment(image, objects[::-1]).labels)
 
 
+def test_a_mask_that_runs_into_another_object_yields_to_it():
+    image = torch.zeros(1, 40, 40, 12)
+    image[0, 5:15, 5:15, 1:6] = 1.0  # A: slices 1..5
+    image[0, 12:22, 5:15, 6:10] = 1.0  # B: right after A, its rows overlapping A's in plane, slices 6..9
+    a = ObjectPrompt(label=1, slice=3, box=torch.tensor([5.0, 5.0, 14.0, 14.0]))
+    b = ObjectPrompt(label=2, slice=8, box=torch.tensor([5.0, 12.0, 14.0, 21.0]))
+    loose = {"min_area_fraction": 0.0, "min_overlap": 0.3, "margin": 0.5}  # A's grown box reaches into B
+    runaway = PromptEngine(BrightInsideBox(), rule=StopRule(**loose)).segment(image, [a, b])
+    assert 6 in runaway.slices[0] and bool((runaway.labels[12:22, 5:15, 6] == 1).any()), "A runs on into B"
+    engine = PromptEngine(BrightInsideBox(), rule=StopRule(max_claimed=0.5, **loose))
+    run = engine.segment(image, [a, b])
+    assert run.slices == [[1, 2, 3, 4, 5], list(range(6, 10))]
+    # on slice 6 A is further from its start (3) than B (2); on slice 5, B (3) than A (2): each yields to the other
+    assert sorted(run.stops[0]) == ["claimed", "empty"] and sorted(run.stops[1]) == ["claimed", "empty"]
+    assert torch.equal(run.labels, (image[0] > 0).long() + (image[0, ...] > 0).long() * (torch.arange(12) >= 6))
+    assert [row["claimed"] for row in run.trace[0] if row["slice"] == 6] == [1.0]
+    assert [row["claimed"] for row in run.trace[1] if row["slice"] == 5] == [1.0]
+    assert torch.equal(engine.segment(image, [b, a]).labels, run.labels), "the order of the objects never decides"
+
+
 def test_clicks_start_an_object_and_refine_the_slices_they_are_on():
     shape = (40, 40, 20)
     image = torch.as_tensor(_ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0)), dtype=torch.float32)[None]
@@ -233,6 +253,23 @@ def test_clicks_start_an_object_and_refine_the_slices_they_are_on():
     assert not second.labels[:, :, 13:].any() and second.stops[0] == ["empty", "empty"]
     with pytest.raises(ValueError, match="neither a box nor a click on its start slice 5"):
         PromptEngine(BrightInsideBox()).segment(image, [ObjectPrompt(label=1, slice=5, points=click.points)])
+
+
+def test_a_click_past_where_propagation_stopped_starts_the_object_again_there():
+    image = torch.zeros(1, 30, 30, 15)
+    image[0, 5:15, 5:15, 2:8] = 1.0  # slices 2..7: 100 pixels
+    image[0, 8:12, 8:12, 8:13] = 1.0  # slices 8..12: a thin tail of 16 pixels, under the area stop (0.2 x 100)
+    rule = StopRule(min_area_fraction=0.2, margin=1.0)
+    start = [[10.0, 10.0, 4.0]]
+    one = PromptEngine(BrightInsideBox(), rule=rule).segment(image, [ObjectPrompt(1, 4, points=torch.tensor(start))])
+    assert one.slices == [list(range(2, 8))] and sorted(one.stops[0]) == ["area", "empty"]
+    two = ObjectPrompt(1, 4, points=torch.tensor(start + [[10.0, 10.0, 11.0]]))
+    run = PromptEngine(BrightInsideBox(), rule=rule).segment(image, [two])
+    assert run.slices == [list(range(2, 13))], "the click on slice 11 starts the tail and propagates down to slice 8"
+    assert sorted(run.stops[0]) == ["area", "empty", "empty", "met"] and torch.equal(run.labels.bool(), image[0] > 0)
+    roi = ObjectPrompt(1, 4, points=two.points, z_range=(1, 9))
+    run = PromptEngine(BrightInsideBox(), rule=rule).segment(image, [roi])
+    assert run.slices == [list(range(2, 8))] and "click-roi" in run.stops[0], "a click outside the ROI is reported"
 
 
 @pytest.mark.parametrize("fine_tuned", [False, True])
@@ -266,6 +303,11 @@ def test_prompts_outside_the_image_or_of_zero_size_are_one_sentence():
         json_object_prompts([{"label": 1, "box": [2, 3, 1, 2, 8, 4], "space": "voxel"}], "roi", eye, eye, (10, 10, 5))
     with pytest.raises(ValueError, match=r"Click \[3, 3, 9\] \(voxel\) lies outside the image"):
         json_object_prompts([{"label": 1, "points": [[3, 3, 9]], "space": "voxel"}], "points", eye, eye, (10, 10, 5))
+    in_roi = {"label": 1, "box": [1, 1, 1, 8, 8, 3], "points": [[3, 3, 2], [5, 5, 4]], "space": "voxel"}
+    with pytest.raises(ValueError, match=r"Click \[5, 5, 4\] \(voxel\) lies outside its box"):
+        json_object_prompts([in_roi], "points", eye, eye, (10, 10, 5))
+    negative_outside = {**in_roi, "point_labels": [1, 0]}  # a background click may lie anywhere
+    assert json_object_prompts([negative_outside], "points", eye, eye, (10, 10, 5))[0].z_range == (1, 3)
     key = json_object_prompts([{"label": 4, "box": [1, 2, 3, 6, 8, 3], "space": "voxel"}], "key", eye, eye, (10, 10, 5))
     assert key[0].slice == 3 and key[0].box.tolist() == [2.0, 1.0, 8.0, 6.0] and key[0].z_range is None
 

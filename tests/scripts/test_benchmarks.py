@@ -224,8 +224,8 @@ def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
     passes = {r["protocol"]: int(r["encoder_passes"]) for r in rows}
     assert passes["click3"] <= 10, "later clicks reuse the encoded slices (10 slices in the volume)"
     trace = (tmp_path / "out" / "trace.csv").read_text().splitlines()
-    head = "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol,in_reference,distance,slice_dice,"
-    assert trace[0] == head + "area_ratio" and len(trace) > 2
+    head = "slice,direction,area,area_fraction,iou,overlap,claimed,stop,label,case,protocol,in_reference,distance,"
+    assert trace[0] == head + "slice_dice,area_ratio" and len(trace) > 2
     traced = list(csv.DictReader(trace))
     assert all(0.0 <= float(r["slice_dice"]) <= 1.0 for r in traced)
     assert {r["distance"] for r in traced if r["direction"] == "0"} == {"0"}
