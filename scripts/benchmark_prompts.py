@@ -181,8 +181,8 @@ def render_by_distance(traces: list[dict], farthest: int = 6) -> str:
 
 
 def render(rows: list[dict]) -> str:
-    """Markdown: per protocol, Dice and HD95 per label, Dice as a share of the oracle's, false-positive slices per
-    object, encoder passes and seconds per case."""
+    """Markdown: per protocol, Dice and HD95 per label, Dice as a share of the oracle's ("-" without a ``label``
+    row), false-positive slices per object, encoder passes and seconds per case."""
     labels = sorted({r["label"] for r in rows})
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
 
@@ -200,8 +200,8 @@ def render(rows: list[dict]) -> str:
         for lab in labels:
             dice = mean([r["dice"] for r in picked if r["label"] == lab])
             hd95 = mean([r["hd95"] for r in picked if r["label"] == lab])
-            ratio = dice / oracle[lab] if lab in oracle and oracle[lab] == oracle[lab] else math.nan
-            cells.append(f"{dice:.3f} | {hd95:.2f} | {ratio:.2f}")
+            ratio = f"{dice / oracle[lab]:.2f}" if oracle[lab] == oracle[lab] else "-"  # "-": no label row
+            cells.append(f"{dice:.3f} | {hd95:.2f} | {ratio}")
         per_case = {r["case"]: r for r in picked}.values()
         lines.append(
             f"| {protocol} | " + " | ".join(cells) + f" | {mean([r['fp_slices'] for r in picked]):.2f} | "
