@@ -389,9 +389,11 @@ def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=False) == StopRule()
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True) == expected
     explicit = stop_rule_from_args(
-        parser.parse_args(["--pad", "0", "--stop-iou", "0.5", "--stop-overlap-roi", "0.7"]), fine_tuned=True
+        parser.parse_args(["--pad", "0", "--stop-iou", "0.5", "--stop-overlap-roi", "0.7", "--stop-claimed", "0.4"]),
+        fine_tuned=True,
     )
-    assert explicit == StopRule(pad=0.0, min_iou=0.5, roi_min_overlap=0.7, click_multimask=False), "flags win"
+    wanted = StopRule(pad=0.0, min_iou=0.5, roi_min_overlap=0.7, max_claimed=0.4, click_multimask=False)
+    assert explicit == wanted, "flags win"
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True).mask_prompt is None, "auto: the checkpoint's"
     assert stop_rule_from_args(parser.parse_args(["--mask-prompt", "off"]), fine_tuned=True).mask_prompt is False
     assert stop_rule_from_args(parser.parse_args(["--mask-prompt", "on"]), fine_tuned=True).mask_prompt is True
