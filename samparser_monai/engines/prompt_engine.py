@@ -335,7 +335,14 @@ class PromptEngine:
         return PromptResult(labels, sorted(set(embeddings) - before), slices, stops, trace)
 
     # ------------------------------------------------------------------------------------------------------ steps
-    def _restarts(self, objects, logits, started, n_slices: int, stops: list[list[str]]) -> list[_Front]:
+    def _restarts(
+        self,
+        objects: Sequence[ObjectPrompt],
+        logits: list[dict[int, torch.Tensor]],
+        started: list[set[int]],
+        n_slices: int,
+        stops: list[list[str]],
+    ) -> list[_Front]:
         """Once propagation has stopped everywhere: per object, a new start on its first slice with a positive click
         that no propagation reached (a click past where the object's masks ended), from the clicks alone."""
         fronts = []
@@ -407,7 +414,9 @@ class PromptEngine:
         return morph_mask(front.previous, -self.rule.mask_shrink).float()
 
     @staticmethod
-    def _claimed(front: _Front, mask: torch.Tensor, logits: list[dict], kept_earlier: list[set[int]]) -> float:
+    def _claimed(
+        front: _Front, mask: torch.Tensor, logits: list[dict[int, torch.Tensor]], kept_earlier: list[set[int]]
+    ) -> float:
         """Share of ``mask`` on other objects' masks of the same slice kept in earlier waves (nearer their starts)."""
         area = int(mask.sum())
         others = [
