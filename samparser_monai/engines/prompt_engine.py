@@ -355,7 +355,7 @@ class PromptEngine:
             for s in (s for s in clicked if s not in logits[i] and s not in started[i]):
                 started[i].add(s)
                 reason = self._out_of_bounds(obj, s, n_slices)
-                if reason:  # a click outside the volume or the object's ROI: said, not silently dropped
+                if reason:  # outside the volume or the ROI: in ``stops`` (prompt files and MONAI Label refuse it first)
                     stops[i].append(f"click-{reason}")
                     continue
                 fronts.append(_Front(i, s, None, 0))
