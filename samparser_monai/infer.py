@@ -20,9 +20,9 @@ import torch
 
 from samparser_monai.data.datalists import case_id, msd_datalist
 from samparser_monai.engines.batch import BatchRun, check_output_folder
-from samparser_monai.engines.prompt_engine import add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.engines.prompt_files import load_box_json
 from samparser_monai.engines.qa import QAWriter
+from samparser_monai.engines.stop_rule import add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, VolumeSegmenter
 from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import RUNTIMES, runtime_cache_dir, use_runtime

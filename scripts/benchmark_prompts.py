@@ -38,8 +38,8 @@ from tqdm import tqdm
 
 from samparser_monai.data import bundle_datalists
 from samparser_monai.engines.evaluation import case_metrics
-from samparser_monai.engines.prompt_engine import add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.engines.simulated_prompts import PROTOCOLS, simulate
+from samparser_monai.engines.stop_rule import add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import RUNTIMES, runtime_cache_dir, use_runtime
 from samparser_monai.process import retain_freed_host_memory

@@ -15,7 +15,7 @@ from samparser_monai.engines.coefficient_report import CoefficientMovementReport
 from samparser_monai.engines.embedding_cache import EmbeddingCache
 from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
 from samparser_monai.engines.metrics import SliceDiceMetric
-from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, PromptResult, StopRule
+from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, PromptResult
 from samparser_monai.engines.prompt_files import load_box_json
 from samparser_monai.engines.simulated_prompts import PROTOCOLS, SimulatedPromptInferer, simulate
 from samparser_monai.engines.slice_inference import (
@@ -24,6 +24,7 @@ from samparser_monai.engines.slice_inference import (
     label_box_prompts,
     predict_volume,
 )
+from samparser_monai.engines.stop_rule import StopRule
 from samparser_monai.engines.volume_inference import PROMPT_SOURCES, CaseOutcome, VolumeSegmenter
 from samparser_monai.engines.workflow import RunReport, TimingReport, latest_checkpoint
 from samparser_monai.process import retain_freed_host_memory

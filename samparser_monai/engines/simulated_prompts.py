@@ -26,8 +26,9 @@ from monai.inferers import Inferer
 from scipy import ndimage
 from torch import nn
 
-from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, StopRule
+from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine
 from samparser_monai.engines.slice_inference import label_box_prompts, predict_volume
+from samparser_monai.engines.stop_rule import StopRule
 from samparser_monai.transforms.box_prompts import mask_to_box
 
 __all__ = ["PROTOCOLS", "SimulatedPromptInferer", "SimulatedRun", "interior_point", "simulate"]

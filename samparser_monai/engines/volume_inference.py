@@ -19,9 +19,10 @@ from torch import nn
 
 from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.evaluation import case_metrics
-from samparser_monai.engines.prompt_engine import PromptEngine, StopRule
+from samparser_monai.engines.prompt_engine import PromptEngine
 from samparser_monai.engines.prompt_files import OBJECT_SOURCES, json_box_prompts, json_object_prompts
 from samparser_monai.engines.slice_inference import SlicePrompts, label_box_prompts, predict_volume
+from samparser_monai.engines.stop_rule import StopRule
 from samparser_monai.errors import root_message
 from samparser_monai.files import staged_file
 from samparser_monai.transforms.checks import NONFINITE_KEY

@@ -14,7 +14,7 @@ from typing import Any
 
 from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.embedding_cache import EmbeddingCache
-from samparser_monai.engines.prompt_engine import StopRule
+from samparser_monai.engines.stop_rule import StopRule
 from samparser_monai.engines.volume_inference import VolumeSegmenter
 from samparser_monai.label._monailabel import HTTPException, InferTask, InferType
 from samparser_monai.label.config import LabelConfig

@@ -16,16 +16,15 @@ from scipy import ndimage
 from torch import nn
 
 from samparser_monai.engines import label_box_prompts
-from samparser_monai.engines.prompt_engine import (
+from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine
+from samparser_monai.engines.prompt_files import json_box_prompts, json_object_prompts, load_box_json
+from samparser_monai.engines.stop_rule import (
     FINE_TUNED_PAD,
     FINE_TUNED_ROI_OVERLAP,
-    ObjectPrompt,
-    PromptEngine,
     StopRule,
     add_stop_rule_arguments,
     stop_rule_from_args,
 )
-from samparser_monai.engines.prompt_files import json_box_prompts, json_object_prompts, load_box_json
 from samparser_monai.transforms import volume_transforms
 from samparser_monai.transforms.box_prompts import mask_to_box
 
