@@ -379,6 +379,9 @@ def test_within_an_roi_propagation_follows_a_moving_object_past_the_key_slice_ov
 
 
 def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
+    from samparser_monai.engines import prompt_engine
+
+    assert prompt_engine.StopRule is StopRule, "still importable from where it was first defined"
     assert StopRule.for_model(fine_tuned=False) == StopRule()
     fine_tuned = StopRule.for_model(fine_tuned=True)
     expected = StopRule(pad=FINE_TUNED_PAD, roi_min_overlap=FINE_TUNED_ROI_OVERLAP, click_multimask=False)
