@@ -76,12 +76,17 @@ class ObjectPrompt:
     z_range: tuple[int, int] | None = None
     clip: torch.Tensor | None = None
 
-    def clicks_on(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """``(P x 2 (x, y), P labels)`` of the clicks on slice ``index``, or ``None``."""
+    def clicks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P x 3 (x, y, slice), P labels)`` of all the object's clicks (``P`` = 0 without any)."""
         if self.points is None:
-            return None
+            return torch.zeros(0, 3), torch.zeros(0)
         points = torch.as_tensor(self.points, dtype=torch.float32).reshape(-1, 3)
         labels = torch.ones(len(points)) if self.point_labels is None else torch.as_tensor(self.point_labels).float()
+        return points, labels.reshape(-1)
+
+    def clicks_on(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(P x 2 (x, y), P labels)`` of the clicks on slice ``index``, or ``None``."""
+        points, labels = self.clicks()
         on = points[:, 2].round().long() == index
         return (points[on, :2], labels[on]) if bool(on.any()) else None
 
@@ -216,11 +221,8 @@ class PromptEngine:
         that no propagation reached (a click past where the object's masks ended), from the clicks alone."""
         fronts = []
         for i, obj in enumerate(objects):
-            if obj.points is None:
-                continue
-            points = torch.as_tensor(obj.points, dtype=torch.float32).reshape(-1, 3)
-            labels = torch.ones(len(points)) if obj.point_labels is None else torch.as_tensor(obj.point_labels)
-            clicked = sorted({int(s) for s in points[labels.reshape(-1) > 0, 2].round().long().tolist()})
+            points, labels = obj.clicks()
+            clicked = sorted({int(s) for s in points[labels > 0, 2].round().long().tolist()})
             for s in (s for s in clicked if s not in logits[i] and s not in started[i]):
                 started[i].add(s)
                 reason = self._out_of_bounds(obj, s, n_slices)
