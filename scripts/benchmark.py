@@ -36,7 +36,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from samparser_monai.benchmarks.comparison import BUDGETS, ZERO_SHOT, compare_methods
+from samparser_monai.benchmarks.comparison import (
+    BUDGETS,
+    ZERO_SHOT,
+    add_training_prompt_arguments,
+    compare_methods,
+    training_prompts,
+)
 from samparser_monai.demo import demo_batch
 from samparser_monai.networks import SamParser, coefficient_state, parameter_groups, trainable_summary
 from samparser_monai.process import retain_freed_host_memory
@@ -262,9 +268,10 @@ def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> s
     budget = dataclasses.replace(BUDGETS[args.mode], **{k: v for k, v in given.items() if v is not None})
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     dataset = Path(args.dataset_dir).resolve().name
+    prompts = training_prompts(args, ROOT)
     settings = {"budget": dataclasses.asdict(budget), "backbone": args.backbone, "checkpoint": args.checkpoint,
                 "dataset": dataset, "device": card, "torch": torch.__version__,
-                "retain_host_memory": not args.release_host_memory}  # fmt: skip
+                "retain_host_memory": not args.release_host_memory, "training_prompts": prompts}  # fmt: skip
     kept = kept_rows(out, settings) if args.resume else []
     (out / "accuracy.csv").unlink(missing_ok=True)
     (out / "accuracy_settings.json").write_text(json.dumps(settings, indent=4) + "\n")
@@ -276,15 +283,16 @@ def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> s
             writer.writeheader()
             writer.writerows(kept)
     extra = {"backbone": args.backbone, "base_checkpoint": args.checkpoint,
-             "retain_host_memory": not args.release_host_memory}  # fmt: skip
+             "retain_host_memory": not args.release_host_memory, **prompts}  # fmt: skip
     start = time.perf_counter()
     if methods:
         compare_methods(methods, args.dataset_dir, out / "runs", budget, ROOT, device=str(device),
                         cache_gb=args.cache_gb, extra=extra, csv_path=out / "accuracy.csv")  # fmt: skip
     minutes = (time.perf_counter() - start) / 60
     rows = read_accuracy_csv(out / "accuracy.csv")
-    header = (f"{args.backbone} on {card}, torch {torch.__version__}, mode {args.mode}: {budget.describe()}; "
-              f"{minutes:.1f} min in this run")  # fmt: skip
+    shares = ", ".join(f"{key} {value:g}" for key, value in prompts.items())
+    header = (f"{args.backbone} on {card}, torch {torch.__version__}, mode {args.mode}: {budget.describe()}, "
+              f"{shares}; {minutes:.1f} min in this run")  # fmt: skip
     if done:
         header += f" (resumed: {', '.join(done)} kept from an earlier run with the same settings)"
     plot_accuracy(rows, out / "accuracy.png")
@@ -314,6 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="accuracy half: keep the methods an earlier run into --output-dir finished with the same "
                         "settings and run only the others")  # fmt: skip
+    add_training_prompt_arguments(parser)
     parser.add_argument("--release-host-memory", action="store_true",
                         help="leave glibc returning freed host memory to the system between steps (the bundle's "
                         "retain_host_memory false; slower on a CPU, lower peak host memory)")  # fmt: skip

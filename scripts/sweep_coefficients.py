@@ -8,6 +8,8 @@ split: never point it at held-out cases). The zero-shot model and ``decoder_only
 trunk is frozen (paper preset, decoder-only, zero-shot) share one trunk feature cache, so the trunk runs once per
 slice for all of them. Every finished run is appended to ``sweep.csv`` with the coefficient movement its checkpoint
 recorded; ``--resume`` skips the runs already there, so a sweep cut off by a time limit goes on where it stopped.
+Training draws the bundle's prompt shares (clicks, mask prompts) unless ``--train-click-fraction`` /
+``--train-mask-prompt-fraction`` pin them; each run records the shares it trained with.
 
     python scripts/sweep_coefficients.py --methods coefficients_paper parser_paper --steps 80 \\
         --learning-rates 1e-4 1e-3 3e-3 1e-2 3e-2 --parametrizations additive relative --output-dir sweep
@@ -29,7 +31,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from samparser_monai.benchmarks.comparison import ZERO_SHOT, run_bundle, summarise_metrics
+from samparser_monai.benchmarks.comparison import (
+    ZERO_SHOT,
+    add_training_prompt_arguments,
+    run_bundle,
+    summarise_metrics,
+    training_prompts,
+)
 from samparser_monai.engines.workflow import latest_checkpoint
 from samparser_monai.networks.trunk_cache import TrunkFeatureCache
 from samparser_monai.process import retain_freed_host_memory
@@ -38,8 +46,12 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
 #: methods without SVD coefficients: run once per step budget, whatever the sweep's grid
 REFERENCES = (ZERO_SHOT, "decoder_only")
-FIELDS = ["method", "parametrization", "coefficient_lr", "steps", "seed", "label", "label_name", "cases", "dice",
-          "dice_sd", "hd95", "mean_dice", "moved_median", "moved_max", "train_s", "eval_s"]  # fmt: skip
+FIELDS = ["method", "parametrization", "coefficient_lr", "steps", "seed", "click_fraction", "mask_fraction", "label",
+          "label_name", "cases", "dice", "dice_sd", "hd95", "mean_dice", "moved_median", "moved_max", "train_s",
+          "eval_s"]  # fmt: skip
+#: the training prompt shares of a run (``sweep.csv`` column -> ``train.json`` id); a ``sweep.csv`` written before
+#: they were recorded trained on boxes alone (both 0, the bundle's defaults then)
+PROMPT_FIELDS = {"click_fraction": "train_click_fraction", "mask_fraction": "train_mask_prompt_fraction"}
 
 
 def run_key(row: dict) -> tuple:
@@ -50,17 +62,33 @@ def run_key(row: dict) -> tuple:
         float(row["coefficient_lr"] or 0),
         int(row["steps"]),
         int(row["seed"]),
+        *(float(row.get(field) or 0) for field in PROMPT_FIELDS),
     )
+
+
+def prompts_label(row: dict) -> str:
+    """How a run's training was prompted, for the table: ``boxes``, or the click and mask-prompt shares."""
+    shares = {name: float(row.get(field) or 0) for name, field in (("clicks", "click_fraction"),
+                                                                   ("masks", "mask_fraction"))}  # fmt: skip
+    return ", ".join(f"{name} {share:g}" for name, share in shares.items() if share) or "boxes"
 
 
 def planned_runs(args: argparse.Namespace) -> list[dict]:
     """The runs of the sweep, references first (they fill the shared trunk cache)."""
     runs = []
+    shares = {field: args.prompts[key] for field, key in PROMPT_FIELDS.items()}
     for steps, seed in itertools.product(args.steps, args.seeds):
         for method in REFERENCES:
             if method in args.references and not (method == ZERO_SHOT and steps != args.steps[0]):
                 runs.append(
-                    {"method": method, "parametrization": "", "coefficient_lr": 0.0, "steps": steps, "seed": seed}
+                    {
+                        "method": method,
+                        "parametrization": "",
+                        "coefficient_lr": 0.0,
+                        "steps": steps,
+                        "seed": seed,
+                        **(dict.fromkeys(shares, 0.0) if method == ZERO_SHOT else shares),  # zero-shot: no training
+                    }
                 )
         for method, parametrization, lr in itertools.product(args.methods, args.parametrizations, args.learning_rates):
             runs.append(
@@ -70,6 +98,7 @@ def planned_runs(args: argparse.Namespace) -> list[dict]:
                     "coefficient_lr": lr,
                     "steps": steps,
                     "seed": seed,
+                    **shares,
                 }
             )
     return runs
@@ -83,6 +112,8 @@ def one_run(run: dict, args: argparse.Namespace, caches: dict[str, TrunkFeatureC
     files = [bundle / "train.json", ROOT / "configs" / "datasets" / "msd_hippocampus.json"]
     files.append(ROOT / "configs" / "methods" / f"{preset}.json")
     name = f"{method}_{run['parametrization'] or 'ref'}_{run['coefficient_lr']:g}_{run['steps']}_{run['seed']}"
+    if prompts_label(run) != "boxes":  # runs trained on boxes alone keep the folder names they always had
+        name += "_" + prompts_label(run).replace(", ", "_").replace(" ", "")
     root = Path(args.output_dir) / "runs" / name
     overrides = {
         "bundle_root": str(root),
@@ -95,6 +126,7 @@ def one_run(run: dict, args: argparse.Namespace, caches: dict[str, TrunkFeatureC
         "use_tensorboard": False,
         "device": f"$torch.device('{args.device}')",
         "backbone": args.backbone,
+        **{key: run[field] for field, key in PROMPT_FIELDS.items()},
     }
     if run["parametrization"]:
         overrides.update(
@@ -147,21 +179,38 @@ def one_run(run: dict, args: argparse.Namespace, caches: dict[str, TrunkFeatureC
 
 
 def read_rows(path: Path) -> list[dict]:
-    """The rows of ``sweep.csv`` (empty when it does not exist)."""
+    """The rows of ``sweep.csv`` (empty when it does not exist); columns it lacks (an older sweep) read as 0."""
     if not path.exists():
         return []
     with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+        return [{**dict.fromkeys(PROMPT_FIELDS, "0"), **row} for row in csv.DictReader(handle)]
+
+
+def upgrade_csv(path: Path) -> None:
+    """Rewrite an older ``sweep.csv`` with today's columns (its runs trained on boxes alone), so rows append."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        header = next(csv.reader(handle), [])
+    if header != FIELDS:
+        rows = read_rows(path)
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
 
 
 def render(rows: list[dict]) -> str:
     """Markdown table: one row per run, mean Dice over labels, coefficient movement."""
     names = list(dict.fromkeys(r["label_name"] for r in rows))
+    prompted = any(prompts_label(r) != "boxes" for r in rows)  # the column only where some run had other prompts
     lines = [
-        "| method | parametrization | coefficient lr | steps | seed | mean Dice | "
+        "| method | parametrization | coefficient lr | steps | seed | "
+        + ("training prompts | " if prompted else "")
+        + "mean Dice | "
         + " | ".join(f"{n} Dice" for n in names)
         + " | moved: median | max |",
-        "|---|---|---:|---:|---:|---:|" + "---:|" * len(names) + "---:|---:|",
+        "|---|---|---:|---:|---:|" + ("---|" if prompted else "") + "---:|" + "---:|" * len(names) + "---:|---:|",
     ]
     by_run: dict[tuple, list[dict]] = {}
     for row in rows:
@@ -171,8 +220,9 @@ def render(rows: list[dict]) -> str:
         moved = (f"{float(first['moved_median']):.2%} | {float(first['moved_max']):.2%}"
                  if first["moved_median"] != "" else "- | -")  # fmt: skip
         lr = f"{float(first['coefficient_lr']):g}" if first["parametrization"] else "-"
+        prompts = f"{prompts_label(first)} | " if prompted else ""
         lines.append(f"| {first['method']} | {first['parametrization'] or '-'} | {lr} | {first['steps']} | "
-                     f"{first['seed']} | {float(first['mean_dice']):.4f} | "
+                     f"{first['seed']} | {prompts}{float(first['mean_dice']):.4f} | "
                      + " | ".join(f"{float(r['dice']):.4f}" for r in group) + f" | {moved} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
@@ -194,17 +244,21 @@ def plot(rows: list[dict], path: Path) -> Path | None:
     fig, axes = plt.subplots(1, len(methods), figsize=(5.5 * len(methods), 4), squeeze=False)
     references = [r for r in runs.values() if not r["parametrization"]]
     for ax, method in zip(axes[0], methods):
-        for parametrization, steps in sorted({(r["parametrization"], r["steps"]) for r in runs.values()
-                                              if r["method"] == method and r["parametrization"]}):  # fmt: skip
+        lines = sorted({(r["parametrization"], r["steps"], prompts_label(r)) for r in runs.values()
+                        if r["method"] == method and r["parametrization"]})  # fmt: skip
+        for parametrization, steps, prompts in lines:
             picked = sorted(
                 (float(r["coefficient_lr"]), float(r["mean_dice"]))
                 for r in runs.values()
-                if (r["method"], r["parametrization"], r["steps"]) == (method, parametrization, steps)
+                if (r["method"], r["parametrization"], r["steps"], prompts_label(r))
+                == (method, parametrization, steps, prompts)
             )
             style = "-" if parametrization == "relative" else "--"
-            ax.plot(*zip(*picked), style, marker="o", label=f"{parametrization}, {steps} steps")
+            trained = "" if prompts == "boxes" else f", {prompts}"
+            ax.plot(*zip(*picked), style, marker="o", label=f"{parametrization}, {steps} steps{trained}")
         for r in references:
-            name = r["method"] if r["method"] == ZERO_SHOT else f"{r['method']} ({r['steps']} steps)"
+            trained = "" if prompts_label(r) == "boxes" else f", {prompts_label(r)}"
+            name = r["method"] if r["method"] == ZERO_SHOT else f"{r['method']} ({r['steps']} steps{trained})"
             ax.axhline(float(r["mean_dice"]), color="grey", lw=0.8, ls=":" if r["method"] == ZERO_SHOT else "-.")
             ax.annotate(name, (0.01, float(r["mean_dice"])), xycoords=("axes fraction", "data"), fontsize=7,
                         va="bottom")  # fmt: skip
@@ -244,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="score a run's existing checkpoint instead of training it again (a run whose evaluation "
                         "was cut off)")  # fmt: skip
     parser.add_argument("--plot-only", action="store_true", help="only write sweep.md and sweep.png from sweep.csv")
+    add_training_prompt_arguments(parser)
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     csv_path = out / "sweep.csv"
@@ -252,8 +307,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not Path(args.dataset_dir).is_dir():
                 raise FileNotFoundError(f"dataset '{args.dataset_dir}' does not exist: pass --dataset-dir <folder>.")
             out.mkdir(parents=True, exist_ok=True)
+            args.prompts = training_prompts(args, ROOT)
             if not args.resume:
                 csv_path.unlink(missing_ok=True)
+            upgrade_csv(csv_path)
             done = {run_key(r) for r in read_rows(csv_path)}
             runs = [r for r in planned_runs(args) if run_key(r) not in done]
             retain_freed_host_memory(True)
@@ -266,7 +323,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     if new:
                         writer.writeheader()
                     writer.writerows(rows)
-                label = f"{run['method']} {run['parametrization']} lr {run['coefficient_lr']:g} {run['steps']} steps"
+                label = (f"{run['method']} {run['parametrization']} lr {run['coefficient_lr']:g} {run['steps']} steps, "
+                         f"trained on {prompts_label(run)}")  # fmt: skip
                 tqdm.write(f"{label}: mean Dice {rows[0]['mean_dice']:.4f}, moved median {rows[0]['moved_median']}")
         rows = read_rows(csv_path)
         if not rows:

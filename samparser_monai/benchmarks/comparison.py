@@ -11,8 +11,10 @@ code's behaviour (no cache). Exact: a cache is shared only between equal trunk w
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gc
+import json
 import logging
 import math
 import os
@@ -30,12 +32,56 @@ from monai.bundle import ConfigParser
 from samparser_monai.engines.workflow import TimingReport, latest_checkpoint
 from samparser_monai.networks.trunk_cache import TrunkFeatureCache, trunk_fingerprint
 
-__all__ = ["BUDGETS", "ZERO_SHOT", "Budget", "compare_methods", "run_bundle", "summarise_metrics"]
+__all__ = [
+    "BUDGETS",
+    "TRAINING_PROMPTS",
+    "ZERO_SHOT",
+    "Budget",
+    "add_training_prompt_arguments",
+    "compare_methods",
+    "run_bundle",
+    "summarise_metrics",
+    "training_prompts",
+]
 
 logger = logging.getLogger(__name__)
 
 #: Name of the row that evaluates the stock model without training.
 ZERO_SHOT = "zero_shot"
+
+#: ``train.json`` ids of the prompt shares training draws (clicks, the previous slice's mask) -> the flag that pins
+#: each in a benchmark script. A benchmark writes the values it used next to its rows, since a row trained with other
+#: prompts is another model (the bundle's defaults changed once: docs/benchmarks.md, "Mask prompts").
+TRAINING_PROMPTS = {
+    "train_click_fraction": "--train-click-fraction",
+    "train_mask_prompt_fraction": "--train-mask-prompt-fraction",
+}
+
+
+def add_training_prompt_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--train-click-fraction`` and ``--train-mask-prompt-fraction`` (default: the bundle's) to ``parser``."""
+    parser.add_argument("--train-click-fraction", type=float, default=None,
+                        help="share of training samples prompted with clicks (default: train.json's)")  # fmt: skip
+    parser.add_argument("--train-mask-prompt-fraction", type=float, default=None,
+                        help="share of training samples also given the previous slice's mask (default: train.json's; "
+                        "0 trains on boxes alone, as every table measured before the default changed)")  # fmt: skip
+
+
+def training_prompts(args: argparse.Namespace, repo_root: str | os.PathLike) -> dict[str, float]:
+    """The training prompt shares a benchmark trains with: those given on its command line, else ``train.json``'s.
+
+    Raises:
+        ValueError: a share outside [0, 1].
+    """
+    defaults = json.loads((Path(repo_root) / "bundle" / "configs" / "train.json").read_text())
+    shares = {}
+    for key, flag in TRAINING_PROMPTS.items():
+        given = getattr(args, flag.lstrip("-").replace("-", "_"), None)
+        value = float(defaults[key] if given is None else given)
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{flag} {value:g} is not a share: give a value from 0 to 1.")
+        shares[key] = value
+    return shares
 
 
 @dataclass(frozen=True)

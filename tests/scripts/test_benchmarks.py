@@ -201,9 +201,67 @@ def test_coefficient_sweep_records_dice_and_movement_and_resumes(tmp_path):
     moved = re.findall(r"\| coefficients_paper \| relative \| (0\.0[13]) \| 2 \| 0 \| .* \| (\d+\.\d\d)% \| ", table)
     assert [lr for lr, _ in moved] == ["0.01", "0.03"] and all(float(m) > 0 for _, m in moved), table
     assert (tmp_path / "out" / "sweep.png").stat().st_size > 0
+    assert "training prompts" not in table, "a sweep trained on boxes alone keeps the table it always had"
+
+    masks = subprocess.run([sys.executable, str(script), *args, "--learning-rates", "1e-2", "--resume",
+                            "--train-mask-prompt-fraction", "0.5", "--train-click-fraction", "0"],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert masks.returncode == 0, masks.stderr[-2000:]
+    assert "sweep: 100%|██████████| 1/1" in masks.stderr, "the same rate trained with mask prompts is another run"
+    assert (tmp_path / "out" / "runs" / "coefficients_paper_relative_0.01_2_0_masks0.5" / "models").is_dir()
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert re.search(r"\| coefficients_paper \| relative \| 0\.01 \| 2 \| 0 \| masks 0\.5 \| 0\.\d{4} \|", table), table
+    assert re.search(r"\| coefficients_paper \| relative \| 0\.01 \| 2 \| 0 \| boxes \| 0\.\d{4} \|", table), table
     missing = subprocess.run([sys.executable, str(script), "--dataset-dir", str(tmp_path / "nope")],
                              capture_output=True, text=True, timeout=300)  # fmt: skip
     assert missing.returncode == 1 and "does not exist" in missing.stderr.strip().splitlines()[-1]
+
+
+def _load_script(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_reads_an_older_csv_as_trained_on_boxes_and_upgrades_it(tmp_path):
+    """A ``sweep.csv`` from before the training prompts were recorded: its runs trained on boxes alone (the bundle's
+    defaults then), resuming matches them as such, and the file is rewritten with today's columns, values kept."""
+    sweep = _load_script("sweep_coefficients")
+    old = ["method,parametrization,coefficient_lr,steps,seed,label,label_name,cases,dice,dice_sd,hd95,mean_dice,"
+           "moved_median,moved_max,train_s,eval_s",
+           "parser_paper,relative,0.1,80,0,1,Anterior,26,0.8684,0.03,1.2,0.8672,0.48,11.3,60.1,300.2"]  # fmt: skip
+    path = tmp_path / "sweep.csv"
+    path.write_text("\n".join(old) + "\n")
+    before = sweep.read_rows(path)
+    assert sweep.run_key(before[0]) == ("parser_paper", "relative", 0.1, 80, 0, 0.0, 0.0)
+    assert sweep.prompts_label(before[0]) == "boxes"
+    sweep.upgrade_csv(path)
+    lines = path.read_text().splitlines()
+    assert lines[0].split(",") == sweep.FIELDS
+    after = sweep.read_rows(path)
+    assert after == before and after[0]["dice"] == "0.8684" and after[0]["mask_fraction"] == "0"
+    assert sweep.prompts_label({"click_fraction": "0.5", "mask_fraction": "0.5"}) == "clicks 0.5, masks 0.5"
+
+
+def test_training_prompt_shares_default_to_the_bundles_and_refuse_a_non_share():
+    import argparse
+    import json
+
+    from samparser_monai.benchmarks.comparison import add_training_prompt_arguments, training_prompts
+
+    root = SCRIPT.parents[1]
+    defaults = json.loads((root / "bundle" / "configs" / "train.json").read_text())
+    parser = argparse.ArgumentParser()
+    add_training_prompt_arguments(parser)
+    shares = training_prompts(parser.parse_args([]), root)
+    assert shares == {key: float(defaults[key]) for key in ("train_click_fraction", "train_mask_prompt_fraction")}
+    pinned = training_prompts(parser.parse_args(["--train-mask-prompt-fraction", "0"]), root)
+    assert pinned["train_mask_prompt_fraction"] == 0.0
+    with pytest.raises(ValueError, match="--train-click-fraction 1.5 is not a share"):
+        training_prompts(parser.parse_args(["--train-click-fraction", "1.5"]), root)
 
 
 @pytest.mark.slow
