@@ -17,6 +17,8 @@ import pytest
 import torch
 
 from samparser_monai import infer
+from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptResult
+from samparser_monai.engines.volume_inference import VolumeSegmenter
 from samparser_monai.errors import root_message
 from samparser_monai.networks import SamParser, coefficient_state
 
@@ -132,6 +134,23 @@ def test_a_checkpoint_error_is_one_sentence_and_creates_no_output_folder(capsys,
 
 
 # --- samparser-infer: inputs -----------------------------------------------------------------------------------------
+
+
+def test_a_label_the_engine_found_nothing_for_is_a_warning_of_the_case_not_silently_missing(tmp_path, monkeypatch):
+    """The case is written (label 1 was found) and its summary row says label 2 is empty, and why."""
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 6), np.float32), np.eye(4)), str(tmp_path / "a.nii.gz"))
+    segmenter = VolumeSegmenter(SamParser(backbone="tiny").eval(), str(tmp_path / "out"), intensity="unit")
+    objects = [ObjectPrompt(1, 2, torch.tensor([2, 2, 5, 5])), ObjectPrompt(2, 3, torch.tensor([1, 1, 3, 3]))]
+    labels = torch.zeros(8, 8, 6, dtype=torch.int64)
+    labels[2:5, 2:5, 1:4] = 1
+    found = PromptResult(labels, slices=[[1, 2, 3], []], stops=[["area", "roi"], ["empty"]])
+    monkeypatch.setattr(segmenter.engine, "segment", lambda image, given, embeddings=None: found)
+    monkeypatch.setattr("samparser_monai.engines.volume_inference.json_object_prompts", lambda *args: objects)
+    entry = [{"label": 1, "box": [2, 2, 2, 5, 5, 2], "space": "voxel"}, {"label": 2, "box": [1, 1, 3, 3, 3, 3]}]
+    outcome = segmenter.segment({"image": str(tmp_path / "a.nii.gz")}, "key", entry)
+    assert outcome.status == "ok", outcome.reason
+    assert outcome.propagation.startswith("label 1: 3 slices (area, roi); label 2: 0 slices (empty)")
+    assert "label 2 is empty in the result: the model found nothing at its prompt" in outcome.warning
 
 
 def test_nan_voxels_are_replaced_and_reported(capsys, tmp_path):

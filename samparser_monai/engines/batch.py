@@ -209,12 +209,13 @@ class BatchRun:
                   f"{', '.join(unmatched)}.", file=sys.stderr)  # fmt: skip
         summary = [
             {"case": o.case, "status": o.status, "reason": o.reason, "warning": o.warning, "image": o.image,
-             "output": o.output, "slices": o.slices, "seconds": round(o.seconds, 2)}
+             "output": o.output, "slices": o.slices, "seconds": round(o.seconds, 2), "propagation": o.propagation}
             for o in self.outcomes
         ]  # fmt: skip
         summary += [
             {"case": case, "status": "unmatched prompt", "reason": f"'{self.prompt_file}' has prompts for it, but no "
-             "input has this case id", "warning": "", "image": "", "output": "", "slices": 0, "seconds": 0.0}
+             "input has this case id", "warning": "", "image": "", "output": "", "slices": 0, "seconds": 0.0,
+             "propagation": ""}
             for case in unmatched
         ]  # fmt: skip
         write_csv_atomic(os.path.join(self.output_dir, "summary.csv"), summary, list(summary[0]) if summary else [])

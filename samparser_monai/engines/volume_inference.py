@@ -19,7 +19,7 @@ from torch import nn
 
 from samparser_monai.data.datalists import case_id
 from samparser_monai.engines.evaluation import case_metrics
-from samparser_monai.engines.prompt_engine import PromptEngine
+from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, PromptResult
 from samparser_monai.engines.prompt_files import OBJECT_SOURCES, json_box_prompts, json_object_prompts
 from samparser_monai.engines.slice_inference import SlicePrompts, label_box_prompts, predict_volume
 from samparser_monai.engines.stop_rule import StopRule
@@ -52,6 +52,22 @@ class CaseOutcome:
     slices: int = 0
     seconds: float = 0.0
     metrics: list[dict[str, Any]] = field(default_factory=list)
+    propagation: str = ""
+
+
+def propagation_report(objects: Sequence[ObjectPrompt], result: PromptResult) -> tuple[str, list[str]]:
+    """What the prompt engine did with each object, for ``summary.csv``: its kept slices and why each direction
+    stopped (:attr:`PromptResult.stops`), e.g. ``label 1: 14 slices (area, roi)``; and one warning sentence for each
+    object with nothing left in the result (found nothing at its prompt, or lost every voxel to another object).
+    """
+    parts, warnings = [], []
+    for obj, kept, why in zip(objects, result.slices, result.stops):
+        reasons = ", ".join(why) or "-"
+        parts.append(f"label {obj.label}: {len(kept)} slices ({reasons})")
+        if not bool((result.labels == obj.label).any()):
+            found = "the model found nothing at its prompt" if not kept else "every voxel went to another label"
+            warnings.append(f"label {obj.label} is empty in the result: {found} (stops: {reasons})")
+    return "; ".join(parts), warnings
 
 
 class VolumeSegmenter:
@@ -93,6 +109,7 @@ class VolumeSegmenter:
         self.jitter, self.seed, self.tolerance_mm, self.qa_writer = jitter, seed, tolerance_mm, qa_writer
         self.engine = PromptEngine(network, axis, batch_size, rule)
         self.last_result = None  # the engine's PromptResult of the last case it segmented
+        self.last_objects: list[ObjectPrompt] = []  # and the objects it was given
         self.with_label = volume_transforms(
             intensity, reader=reader, keys=("image", "label"), label_format=label_format
         )
@@ -130,6 +147,7 @@ class VolumeSegmenter:
             raise ValueError(f"Unknown prompt source {source!r}; use one of {list(PROMPT_SOURCES)}.")
         objects = json_object_prompts(boxes, source, original, oriented, image.shape[1:], self.axis)
         self.last_result = self.engine.segment(image, objects, embeddings)
+        self.last_objects = list(objects)
         return self.last_result.labels
 
     def segment(
@@ -160,12 +178,17 @@ class VolumeSegmenter:
             if replaced:
                 outcome.warning = f"{replaced} NaN or infinite voxels were replaced by the image's finite range"
                 logger.warning("case %s: %s.", case, outcome.warning)
+            self.last_result, self.last_objects = None, []
             prompts = self.prompts(source, data, boxes, embeddings)
             if isinstance(prompts, torch.Tensor):
                 prediction = prompts
                 outcome.slices = int(prediction.any(dim=[d for d in range(3) if d != self.axis]).sum())
                 if not prediction.any():
                     raise ValueError("no usable prompt: the model found nothing at the prompted slice")
+                outcome.propagation, empty = propagation_report(self.last_objects, self.last_result)
+                outcome.warning = "; ".join([w for w in (outcome.warning, *empty) if w])
+                for sentence in empty:
+                    logger.warning("case %s: %s.", case, sentence)
             else:
                 if not prompts:
                     raise ValueError(

@@ -141,6 +141,7 @@ class SamParserInferTask(InferTask):
             "checkpoint": checkpoint,
             "cached_slices": cached,
             "encoded_slices": len(segmenter.last_result.encoded) if segmenter.last_result is not None else 0,
+            "propagation": outcome.propagation,
             "latencies": {
                 "load": round(loaded - start, 3),
                 "infer": round(done - loaded, 3),

@@ -220,6 +220,7 @@ def test_bad_requests_get_one_sentence_and_the_server_goes_on(lite_server, tmp_p
     assert response.status_code == 200, response.text
     result = response.json()
     assert result["prompt"] == "roi" and result["slices"] == 3 and result["foreground_voxels"] > 0
+    assert result["propagation"].startswith("label 1: 3 slices ("), "what the engine did, and why it stopped"
 
 
 def test_train_button_publishes_a_checkpoint_the_infer_task_then_serves(tiny_server):

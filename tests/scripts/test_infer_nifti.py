@@ -159,6 +159,9 @@ def test_propagation_with_lite_medsam_covers_the_object(tmp_path):
     assert len(predicted_slices & object_slices) >= 0.8 * len(object_slices), (predicted_slices, object_slices)
     dice = 2 * ((prediction == 4) & blob).sum() / ((prediction == 4).sum() + blob.sum())
     assert dice > 0.8, f"Dice {dice:.3f}"
+    row = _rows(tmp_path / "out" / "summary.csv")[0]
+    assert row["propagation"].startswith(f"label 4: {len(predicted_slices)} slices ("), row["propagation"]
+    assert row["warning"] == ""
 
 
 @pytest.mark.slow
