@@ -51,7 +51,7 @@ ZERO_SHOT = "zero_shot"
 
 #: ``train.json`` ids of the prompt shares training draws (clicks, the previous slice's mask) -> the flag that pins
 #: each in a benchmark script. A benchmark writes the values it used next to its rows, since a row trained with other
-#: prompts is another model (the bundle's defaults changed once: docs/benchmarks.md, "Mask prompts").
+#: prompts is another model (the bundle's defaults changed once: docs/benchmarks.md, "The default training prompts").
 TRAINING_PROMPTS = {
     "train_click_fraction": "--train-click-fraction",
     "train_mask_prompt_fraction": "--train-mask-prompt-fraction",

@@ -63,7 +63,7 @@ def propagation_report(objects: Sequence[ObjectPrompt], result: PromptResult) ->
     parts, warnings = [], []
     for obj, kept, why in zip(objects, result.slices, result.stops):
         reasons = ", ".join(why) or "-"
-        parts.append(f"label {obj.label}: {len(kept)} slices ({reasons})")
+        parts.append(f"label {obj.label}: {len(kept)} slice{'' if len(kept) == 1 else 's'} ({reasons})")
         if not bool((result.labels == obj.label).any()):
             found = "the model found nothing at its prompt" if not kept else "every voxel went to another label"
             warnings.append(f"label {obj.label} is empty in the result: {found} (stops: {reasons})")

@@ -20,7 +20,7 @@ def test_propagation_report_names_each_objects_slices_and_stops_and_warns_of_an_
     objects = [ObjectPrompt(1, 2, torch.tensor([2, 2, 5, 5])), ObjectPrompt(2, 3, torch.tensor([1, 1, 3, 3])),
                ObjectPrompt(3, 2, torch.tensor([2, 2, 5, 5]))]  # fmt: skip
     text, warnings = propagation_report(objects, engine_result())
-    assert text == "label 1: 3 slices (area, roi); label 2: 0 slices (empty); label 3: 1 slices (overlap, met)"
+    assert text == "label 1: 3 slices (area, roi); label 2: 0 slices (empty); label 3: 1 slice (overlap, met)"
     assert warnings == [
         "label 2 is empty in the result: the model found nothing at its prompt (stops: empty)",
         "label 3 is empty in the result: every voxel went to another label (stops: overlap, met)",
