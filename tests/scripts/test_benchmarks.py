@@ -186,12 +186,13 @@ def test_coefficient_sweep_records_dice_and_movement_and_resumes(tmp_path):
     script = SCRIPT.parent / "sweep_coefficients.py"
     args = ["--backbone", "tiny", "--methods", "coefficients_paper", "--references", "zero_shot", "--steps", "2"]
     args += ["--parametrizations", "relative", "--val-cases", "1", "--dataset-dir", str(data)]
-    args += ["--output-dir", str(tmp_path / "out")]
-    first = subprocess.run([sys.executable, str(script), *args, "--learning-rates", "1e-2"], capture_output=True,
-                           text=True, timeout=600)  # fmt: skip
+    args += ["--output-dir", str(tmp_path / "out"), "--train-click-fraction", "0"]
+    boxes = ["--train-mask-prompt-fraction", "0"]  # the bundle's default trains with mask prompts: pin boxes alone
+    first = subprocess.run([sys.executable, str(script), *args, *boxes, "--learning-rates", "1e-2"],
+                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert first.returncode == 0, first.stderr[-2000:]
-    second = subprocess.run([sys.executable, str(script), *args, "--learning-rates", "1e-2", "3e-2", "--resume"],
-                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    second = subprocess.run([sys.executable, str(script), *args, *boxes, "--learning-rates", "1e-2", "3e-2",
+                             "--resume"], capture_output=True, text=True, timeout=600)  # fmt: skip
     assert second.returncode == 0, second.stderr[-2000:]
     assert "sweep: 100%|██████████| 1/1" in second.stderr, "only the new learning rate runs"
     rows = (tmp_path / "out" / "sweep.csv").read_text().splitlines()
@@ -204,7 +205,7 @@ def test_coefficient_sweep_records_dice_and_movement_and_resumes(tmp_path):
     assert "training prompts" not in table, "a sweep trained on boxes alone keeps the table it always had"
 
     masks = subprocess.run([sys.executable, str(script), *args, "--learning-rates", "1e-2", "--resume",
-                            "--train-mask-prompt-fraction", "0.5", "--train-click-fraction", "0"],
+                            "--train-mask-prompt-fraction", "0.5"],
                            capture_output=True, text=True, timeout=600)  # fmt: skip
     assert masks.returncode == 0, masks.stderr[-2000:]
     assert "sweep: 100%|██████████| 1/1" in masks.stderr, "the same rate trained with mask prompts is another run"
