@@ -33,7 +33,13 @@ TRAIN_OPTIONS: dict[str, Any] = {
     "coefficient_learning_rate": DEFAULT_COEFFICIENT_LEARNING_RATE,
     "val_fraction": 0.2,
     "seed": 0,
+    # training prompts, as the bundle's train.json: clicks make a model that answers clicks (served the clicks
+    # themselves), mask prompts one that is given the previous slice's mask as it propagates
+    "train_click_fraction": 0.0,
+    "train_mask_prompt_fraction": 0.5,
 }
+#: options that are shares of the training samples, from 0 to 1
+_SHARES = ("val_fraction", "train_click_fraction", "train_mask_prompt_fraction")
 
 
 def train_options(request: Mapping[str, Any]) -> dict[str, Any]:
@@ -49,6 +55,8 @@ def train_options(request: Mapping[str, Any]) -> dict[str, Any]:
             options[key] = type(default)(value)
         except (TypeError, ValueError) as err:
             raise ValueError(f"Training option {key} must be a {type(default).__name__}, got {value!r}.") from err
+        if key in _SHARES and not 0.0 <= options[key] <= 1.0:
+            raise ValueError(f"Training option {key} must be a share from 0 to 1, got {value!r}.")
     return options
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,6 +24,16 @@ def test_options_are_typed_and_a_bad_one_is_one_sentence():
     assert options["epochs"] == 3 and options["learning_rate"] == 0.001 and "model" not in options
     with pytest.raises(ValueError, match="Training option epochs must be a int, got 'many'"):
         train_options({"epochs": "many"})
+    with pytest.raises(ValueError, match="Training option train_click_fraction must be a share from 0 to 1, got '2'"):
+        train_options({"train_click_fraction": "2"})
+    assert train_options({"train_click_fraction": "0.5"})["train_click_fraction"] == 0.5, "a click model from Slicer"
+
+
+def test_option_defaults_are_the_bundles():
+    """The app trains what the bundle trains unless a request says otherwise (the training prompts above all)."""
+    bundle = json.loads((Path(__file__).resolve().parents[2] / "bundle" / "configs" / "train.json").read_text())
+    for key in ("train_click_fraction", "train_mask_prompt_fraction", "learning_rate", "coefficient_learning_rate"):
+        assert train_options({})[key] == bundle[key], key
 
 
 def test_studies_become_a_folders_dataset_paired_by_case(tmp_path):
