@@ -141,11 +141,7 @@ def test_method_benchmark_resume_runs_only_what_is_missing(tmp_path):
 
 
 def test_resume_reruns_a_method_cut_off_between_its_rows(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT.parent / "benchmark.py")
-    benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(benchmark)
+    benchmark = _load_script("benchmark")
     settings = {"backbone": "tiny"}
     (tmp_path / "accuracy_settings.json").write_text('{"backbone": "tiny"}')
     header = "method,label,label_name,cases,dice,dice_sd,hd95,empty,train_s,eval_s,step_ms,data_ms"
