@@ -227,6 +227,12 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table(rows: list[dict], out: Path) -> None:
+    """``sweep.md`` and ``sweep.png`` in ``out`` from the rows of ``sweep.csv``."""
+    (out / "sweep.md").write_text(render(rows))
+    plot(rows, out / "sweep.png")
+
+
 def plot(rows: list[dict], path: Path) -> Path | None:
     """Mean Dice against the coefficient learning rate, one line per method and parametrization (PNG)."""
     try:
@@ -315,22 +321,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in planned_runs(args) if run_key(r) not in done]
             retain_freed_host_memory(True)
             caches: dict[str, TrunkFeatureCache] = {}
+            failed = []
             for run in tqdm(runs, desc="sweep", unit="run"):
-                rows = one_run(run, args, caches)
+                label = (f"{run['method']} {run['parametrization']} lr {run['coefficient_lr']:g} {run['steps']} steps, "
+                         f"seed {run['seed']}, trained on {prompts_label(run)}")  # fmt: skip
+                try:
+                    rows = one_run(run, args, caches)
+                except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:  # the sweep goes on
+                    failed.append(f"{label}: {err}")
+                    tqdm.write(f"failed, skipped: {failed[-1]}")
+                    continue
                 new = not csv_path.exists()
                 with open(csv_path, "a", newline="") as handle:
                     writer = csv.DictWriter(handle, fieldnames=FIELDS)
                     if new:
                         writer.writeheader()
                     writer.writerows(rows)
-                label = (f"{run['method']} {run['parametrization']} lr {run['coefficient_lr']:g} {run['steps']} steps, "
-                         f"trained on {prompts_label(run)}")  # fmt: skip
+                write_table(read_rows(csv_path), out)  # never stale, even if the sweep is stopped here
                 tqdm.write(f"{label}: mean Dice {rows[0]['mean_dice']:.4f}, moved median {rows[0]['moved_median']}")
+            if failed:
+                if csv_path.exists():
+                    print(render(read_rows(csv_path)))
+                raise RuntimeError(
+                    f"{len(failed)} of {len(runs)} runs failed (the table holds the others; rerun with --resume): "
+                    + "; ".join(failed)
+                )
         rows = read_rows(csv_path)
         if not rows:
             raise FileNotFoundError(f"{csv_path} holds no run yet: run the sweep first.")
-        (out / "sweep.md").write_text(render(rows))
-        plot(rows, out / "sweep.png")
+        write_table(rows, out)
         print(render(rows))
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -243,6 +243,39 @@ def test_sweep_reads_an_older_csv_as_trained_on_boxes_and_upgrades_it(tmp_path):
     assert sweep.prompts_label({"click_fraction": "0.5", "mask_fraction": "0.5"}) == "clicks 0.5, masks 0.5"
 
 
+def test_sweep_goes_on_past_a_failed_run_and_keeps_its_table_current(tmp_path, monkeypatch, capsys):
+    """A run that fails (a training error, a full disk) is one sentence; the runs after it still run, ``sweep.md``
+    is rewritten after every run (never stale, even when the sweep is stopped), and the exit says it failed."""
+    sweep = _load_script("sweep_coefficients")
+    seen = []
+
+    def fake_run(run, args, caches):
+        seen.append(run["coefficient_lr"])
+        if run["coefficient_lr"] == 0.03:
+            raise RuntimeError("Training parser_paper_relative_0.03_2_0 saved no checkpoint.")
+        table_before = (tmp_path / "out" / "sweep.md").read_text() if len(seen) > 1 else ""
+        assert all(f"| {lr:g} |" in table_before for lr in seen[:-1] if lr != 0.03), "the table lags no run behind"
+        extra = {"cases": 1, "dice_sd": 0.0, "hd95": 1.0, "moved_median": 0.1, "moved_max": 0.2, "train_s": 1.0}
+        return [
+            {**run, **extra, "label": k, "label_name": name, "dice": 0.8, "mean_dice": 0.8, "eval_s": 1.0}
+            for k, name in ((1, "Anterior"), (2, "Posterior"))
+        ]
+
+    monkeypatch.setattr(sweep, "one_run", fake_run)
+    monkeypatch.setattr(sweep, "retain_freed_host_memory", lambda on: None)
+    argv = ["--methods", "parser_paper", "--parametrizations", "relative", "--learning-rates", "0.01", "0.03", "0.1"]
+    argv += ["--references", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]
+    argv += ["--train-click-fraction", "0", "--train-mask-prompt-fraction", "0"]
+    assert sweep.main(argv) == 1
+    out, err = capsys.readouterr()
+    assert seen == [0.01, 0.03, 0.1], "the run after the failed one still ran"
+    assert "failed, skipped: parser_paper relative lr 0.03 80 steps, seed 0, trained on boxes: Training" in out
+    assert "1 of 3 runs failed (the table holds the others; rerun with --resume)" in err.strip().splitlines()[-1]
+    table = (tmp_path / "out" / "sweep.md").read_text()
+    assert "| 0.01 |" in table and "| 0.1 |" in table and "| 0.03 |" not in table
+    assert len((tmp_path / "out" / "sweep.csv").read_text().splitlines()) == 1 + 2 * 2
+
+
 def test_training_prompt_shares_default_to_the_bundles_and_refuse_a_non_share():
     import argparse
     import json
