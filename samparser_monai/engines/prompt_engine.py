@@ -124,6 +124,7 @@ class _Front:
     direction: int  # 0 at the start slice, -1 / +1 when propagating
     previous: torch.Tensor | None = None  # the previous slice's mask
     start_area: int = 0  # pixels of the mask on the slice this front started from
+    distance: int = 0  # slices from that start
 
 
 class PromptEngine:
@@ -202,7 +203,7 @@ class PromptEngine:
                     if reason:
                         stops[front.index].append(reason)
                     else:
-                        next_fronts.append(_Front(front.index, target, box, step, mask, start_area))
+                        next_fronts.append(_Front(front.index, target, box, step, mask, start_area, front.distance + 1))
             fronts = next_fronts or self._restarts(objects, logits, started, n_slices, stops)
         labels = self._fuse(image.shape[1:], objects, logits, prompted)
         slices = [sorted(per_object) for per_object in logits]
@@ -323,7 +324,8 @@ class PromptEngine:
         if iou < rule.min_iou:
             return "iou"
         min_overlap = rule.roi_min_overlap if in_roi and rule.roi_min_overlap is not None else rule.min_overlap
-        if front.previous is not None and int((mask & front.previous).sum()) < min_overlap * area:
+        overlap_tested = front.distance > rule.overlap_after
+        if overlap_tested and front.previous is not None and int((mask & front.previous).sum()) < min_overlap * area:
             return "overlap"
         if rule.max_claimed and claimed > rule.max_claimed:
             return "claimed"

@@ -17,6 +17,7 @@ from torch import nn
 from samparser_monai.networks.param_groups import unwrap_model
 
 __all__ = [
+    "FINE_TUNED_OVERLAP_AFTER",
     "FINE_TUNED_PAD",
     "FINE_TUNED_ROI_OVERLAP",
     "StopRule",
@@ -49,6 +50,11 @@ class StopRule:
             nearer that object's own start (0: no limit). A propagated mask that has run into a neighbouring object
             yields to it, and its direction ends there; which object yields depends only on the distances from the
             start slices, never on the order of the objects.
+        overlap_after: the overlap tests (``min_overlap``, ``roi_min_overlap``) apply only to slices more than this
+            many slices from the start. They catch a mask that has left the object past its end; next to the start
+            slice the object is still there, and a curved one may move further than they allow (:meth:`for_model`
+            sets :data:`FINE_TUNED_OVERLAP_AFTER` for a fine-tuned model; docs/benchmarks.md, "Overlap next to the
+            start").
         max_distance: slices from the start slice (0: no limit).
         margin: the previous mask's box is grown by this fraction of its size on each side ...
         pad: ... plus this many pixels. A loose box makes SAM fill it, and a mask that fills its box grows the next
@@ -70,6 +76,7 @@ class StopRule:
     min_overlap: float = 0.8
     roi_min_overlap: float | None = None
     max_claimed: float = 0.0
+    overlap_after: int = 0
     max_distance: int = 0
     margin: float = 0.0
     pad: float = 0.0
@@ -94,11 +101,14 @@ class StopRule:
         side. The stock model under-segments, and shrinking its boxes loses the object: it keeps ``pad`` 0
         (docs/benchmarks.md, "Boxes that shrink"). Within an ROI a fine-tuned model's propagation stops on
         :data:`FINE_TUNED_ROI_OVERLAP` overlap rather than ``min_overlap`` ("Stopping within an ROI"). A fine-tuned
-        model answers a single click with its single-mask output, the only one fine-tuning trains (``click_multimask``).
+        model answers a single click with its single-mask output, the only one fine-tuning trains
+        (``click_multimask``), and tests overlap only past :data:`FINE_TUNED_OVERLAP_AFTER` slices from the start
+        ("Overlap next to the start").
         """
         values = {
             "pad": FINE_TUNED_PAD if fine_tuned else 0.0,
             "roi_min_overlap": FINE_TUNED_ROI_OVERLAP if fine_tuned else None,
+            "overlap_after": FINE_TUNED_OVERLAP_AFTER if fine_tuned else 0,
             "click_multimask": not fine_tuned,
         }
         values.update(overrides)
@@ -110,6 +120,9 @@ FINE_TUNED_PAD = -1.0
 
 #: overlap with the previous mask below which propagation stops within an ROI, for a fine-tuned model (dev split)
 FINE_TUNED_ROI_OVERLAP = 0.5
+
+#: slices next to the start where a fine-tuned model's propagation skips the overlap tests (dev split)
+FINE_TUNED_OVERLAP_AFTER = 2
 
 #: command-line flag -> (StopRule field, type, help)
 _RULE_FLAGS = {
@@ -123,6 +136,7 @@ _RULE_FLAGS = {
         float,
         "... or when more than this fraction of a mask lies on another object's mask nearer its own start (0: off)",
     ),
+    "--stop-overlap-after": ("overlap_after", int, "the overlap stops apply only past this many slices from the start"),
     "--max-distance": ("max_distance", int, "... or this many slices from the start (0: no limit)"),
     "--margin": ("margin", float, "each propagated box is the previous mask's box grown by this fraction of its size"),
     "--pad": ("pad", float, "... plus this many pixels (negative: shrunk)"),
@@ -134,6 +148,7 @@ _RULE_FLAGS = {
 _BY_MODEL = {
     "pad": f"{FINE_TUNED_PAD:g} with a fine-tuned --checkpoint, 0 for the stock model",
     "roi_min_overlap": f"{FINE_TUNED_ROI_OVERLAP:g} with a fine-tuned --checkpoint, --stop-overlap for the stock model",
+    "overlap_after": f"{FINE_TUNED_OVERLAP_AFTER} with a fine-tuned --checkpoint, 0 for the stock model",
 }
 
 

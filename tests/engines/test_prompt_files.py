@@ -19,6 +19,7 @@ from samparser_monai.engines import label_box_prompts
 from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine
 from samparser_monai.engines.prompt_files import json_box_prompts, json_object_prompts, load_box_json
 from samparser_monai.engines.stop_rule import (
+    FINE_TUNED_OVERLAP_AFTER,
     FINE_TUNED_PAD,
     FINE_TUNED_ROI_OVERLAP,
     StopRule,
@@ -378,20 +379,49 @@ def test_within_an_roi_propagation_follows_a_moving_object_past_the_key_slice_ov
     assert PromptEngine(BrightInsideBox(), rule=without).segment(image, [roi]).slices == [[3]]
 
 
+def test_next_to_the_start_a_moving_object_passes_the_overlap_stop_and_further_on_a_jump_still_stops():
+    image = torch.zeros(1, 40, 40, 11)
+    # a 10 x 10 square: 4 px off the start slice's next to it (60% overlap), then 1 px a slice (90%), then 5 px (50%)
+    left = {5: 10, 4: 14, 6: 14, 3: 15, 7: 15, 2: 20, 8: 20, 1: 21, 9: 21, 0: 22, 10: 22}
+    for s, x in left.items():
+        image[0, 10:20, x : x + 10, s] = 1.0
+    key = ObjectPrompt(label=1, slice=5, box=mask_to_box(image[0, :, :, 5] > 0))
+    runs = {
+        after: PromptEngine(
+            BrightInsideBox(), rule=StopRule(min_area_fraction=0.0, margin=1.0, overlap_after=after)
+        ).segment(image, [key])
+        for after in (0, 1, 2)
+    }
+    assert runs[0].slices == [[5]] and runs[0].stops[0] == ["overlap", "overlap"], "60% < 80% next to the start"
+    for after in (1, 2):
+        assert runs[after].slices == [[3, 4, 5, 6, 7]], "the first slices are kept; 90% further on passes"
+        assert runs[after].stops[0] == ["overlap", "overlap"], "the 5-pixel jump 3 slices out still stops"
+    assert torch.equal(runs[2].labels[..., 3:8].bool(), image[0, ..., 3:8] > 0)
+
+
 def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
     from samparser_monai.engines import prompt_engine
 
     assert prompt_engine.StopRule is StopRule, "still importable from where it was first defined"
     assert StopRule.for_model(fine_tuned=False) == StopRule()
     fine_tuned = StopRule.for_model(fine_tuned=True)
-    expected = StopRule(pad=FINE_TUNED_PAD, roi_min_overlap=FINE_TUNED_ROI_OVERLAP, click_multimask=False)
+    expected = StopRule(
+        pad=FINE_TUNED_PAD,
+        roi_min_overlap=FINE_TUNED_ROI_OVERLAP,
+        overlap_after=FINE_TUNED_OVERLAP_AFTER,
+        click_multimask=False,
+    )
     assert fine_tuned == expected and FINE_TUNED_PAD < 0 and FINE_TUNED_ROI_OVERLAP < StopRule().min_overlap
+    assert FINE_TUNED_OVERLAP_AFTER > StopRule().overlap_after == 0, "the stock model tests overlap from the start"
     parser = argparse.ArgumentParser()
     add_stop_rule_arguments(parser)
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=False) == StopRule()
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True) == expected
     explicit = stop_rule_from_args(
-        parser.parse_args(["--pad", "0", "--stop-iou", "0.5", "--stop-overlap-roi", "0.7", "--stop-claimed", "0.4"]),
+        parser.parse_args(
+            ["--pad", "0", "--stop-iou", "0.5", "--stop-overlap-roi", "0.7", "--stop-claimed", "0.4"]
+            + ["--stop-overlap-after", "0"]
+        ),
         fine_tuned=True,
     )
     wanted = StopRule(pad=0.0, min_iou=0.5, roi_min_overlap=0.7, max_claimed=0.4, click_multimask=False)
