@@ -308,6 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output_dir)
     csv_path = out / "sweep.csv"
+    failed: list[str] = []  # runs of this sweep that failed (the others go on)
     try:
         if not args.plot_only:
             if not Path(args.dataset_dir).is_dir():
@@ -321,7 +322,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             runs = [r for r in planned_runs(args) if run_key(r) not in done]
             retain_freed_host_memory(True)
             caches: dict[str, TrunkFeatureCache] = {}
-            failed = []
             for run in tqdm(runs, desc="sweep", unit="run"):
                 label = (f"{run['method']} {run['parametrization']} lr {run['coefficient_lr']:g} {run['steps']} steps, "
                          f"seed {run['seed']}, trained on {prompts_label(run)}")  # fmt: skip
@@ -339,18 +339,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                     writer.writerows(rows)
                 write_table(read_rows(csv_path), out)  # never stale, even if the sweep is stopped here
                 tqdm.write(f"{label}: mean Dice {rows[0]['mean_dice']:.4f}, moved median {rows[0]['moved_median']}")
-            if failed:
-                if csv_path.exists():
-                    print(render(read_rows(csv_path)))
-                raise RuntimeError(
-                    f"{len(failed)} of {len(runs)} runs failed (the table holds the others; rerun with --resume): "
-                    + "; ".join(failed)
-                )
         rows = read_rows(csv_path)
+        if rows:
+            write_table(rows, out)
+            print(render(rows))
+        if failed:
+            raise RuntimeError(
+                f"{len(failed)} of {len(runs)} runs failed (the table holds the others; rerun with --resume): "
+                + "; ".join(failed)
+            )
         if not rows:
             raise FileNotFoundError(f"{csv_path} holds no run yet: run the sweep first.")
-        write_table(rows, out)
-        print(render(rows))
     except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
