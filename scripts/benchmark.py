@@ -255,11 +255,14 @@ def kept_rows(out: Path, settings: dict) -> list[dict]:
     return [r for group in per_method.values() if len(group) == labels for r in group]  # a cut-off method reruns
 
 
-def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> str:
-    """The accuracy half; writes ``accuracy.csv`` and ``accuracy.png`` in ``out`` and returns its Markdown table.
+def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> tuple[str, list[str]]:
+    """The accuracy half; writes ``accuracy.csv``, ``accuracy.md`` and ``accuracy.png`` in ``out`` and returns the
+    Markdown table and the methods that failed. The table and plot are rewritten after every method, so a stopped
+    run never leaves them stale.
 
     With ``args.resume`` the methods already in ``out/accuracy.csv`` from a run with the same settings are kept and
-    only the others run (a run cut off by a time limit goes on where it stopped).
+    only the others run (a run cut off by a time limit goes on where it stopped). A method that fails is one
+    sentence on stderr and the others still run.
     """
     if not Path(args.dataset_dir).is_dir():
         raise FileNotFoundError(f"dataset '{args.dataset_dir}' does not exist: pass --dataset-dir <MSD task folder>.")
@@ -284,19 +287,41 @@ def run_accuracy(args: argparse.Namespace, device: torch.device, out: Path) -> s
             writer.writerows(kept)
     extra = {"backbone": args.backbone, "base_checkpoint": args.checkpoint,
              "retain_host_memory": not args.release_host_memory, **prompts}  # fmt: skip
+    shares = ", ".join(f"{key} {value:g}" for key, value in prompts.items())
     start = time.perf_counter()
+    failed: list[str] = []
+
+    def write_table(*_: object) -> str:
+        """Rewrite accuracy.md and accuracy.png from the CSV: never stale, even if the run is stopped."""
+        rows = read_accuracy_csv(out / "accuracy.csv") if (out / "accuracy.csv").exists() else []
+        if not rows:
+            for stale in ("accuracy.md", "accuracy.png"):
+                (out / stale).unlink(missing_ok=True)
+            return ""
+        header = (f"{args.backbone} on {card}, torch {torch.__version__}, mode {args.mode}: {budget.describe()}, "
+                  f"{shares}; {(time.perf_counter() - start) / 60:.1f} min in this run")  # fmt: skip
+        if done:
+            header += f" (resumed: {', '.join(done)} kept from an earlier run with the same settings)"
+        missing = [m for m in methods if m not in {r["method"] for r in rows} and m not in failed]
+        if missing:
+            header += f" (still running: {', '.join(missing)})"
+        if failed:
+            header += f" (failed: {', '.join(failed)}; rerun with --resume)"
+        table = render_accuracy(rows, header)
+        (out / "accuracy.md").write_text(table)
+        plot_accuracy(rows, out / "accuracy.png")
+        return table
+
+    def report_failure(method: str, err: Exception) -> None:
+        failed.append(method)
+        print(f"{method} failed, skipped: {err}", file=sys.stderr, flush=True)
+
+    write_table()
     if methods:
         compare_methods(methods, args.dataset_dir, out / "runs", budget, ROOT, device=str(device),
-                        cache_gb=args.cache_gb, extra=extra, csv_path=out / "accuracy.csv")  # fmt: skip
-    minutes = (time.perf_counter() - start) / 60
-    rows = read_accuracy_csv(out / "accuracy.csv")
-    shares = ", ".join(f"{key} {value:g}" for key, value in prompts.items())
-    header = (f"{args.backbone} on {card}, torch {torch.__version__}, mode {args.mode}: {budget.describe()}, "
-              f"{shares}; {minutes:.1f} min in this run")  # fmt: skip
-    if done:
-        header += f" (resumed: {', '.join(done)} kept from an earlier run with the same settings)"
-    plot_accuracy(rows, out / "accuracy.png")
-    return render_accuracy(rows, header)
+                        cache_gb=args.cache_gb, extra=extra, csv_path=out / "accuracy.csv", on_rows=write_table,
+                        on_failure=report_failure)  # fmt: skip
+    return write_table(), failed
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -342,9 +367,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             (out / "cost.md").write_text(table)
             print(table, flush=True)
         if args.part in ("all", "accuracy"):
-            table = run_accuracy(args, device, out)
-            (out / "accuracy.md").write_text(table)
+            table, failed = run_accuracy(args, device, out)
             print(table, flush=True)
+            if failed:
+                print(f"error: {len(failed)} method(s) failed ({', '.join(failed)}); the table holds the others: rerun "
+                      "with --resume.", file=sys.stderr)  # fmt: skip
+                return 1
     except (ImportError, ValueError, FileNotFoundError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ import os
 import shutil
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,6 +194,54 @@ def _append_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+def _compare_one(
+    method: str,
+    files: list[Path],
+    run: dict[str, Any],
+    shared: dict[str, TrunkFeatureCache],
+    cache_bytes: int,
+    csv_path: Path,
+) -> list[dict[str, Any]]:
+    """Train (unless zero-shot) and evaluate one method; its rows, appended to ``csv_path``.
+
+    ``files``: ``train.json``, the dataset preset and the method preset (``evaluate.json`` is read beside
+    ``train.json``); ``run``: the overrides, ``bundle_root`` the method's folder.
+    """
+    root = Path(run["bundle_root"])
+    for stale in ("models", "evaluation"):  # outputs of an earlier comparison in the same folder
+        shutil.rmtree(root / stale, ignore_errors=True)
+    start = time.perf_counter()
+    checkpoint, timing = None, {}
+    if method != ZERO_SHOT:
+        parser = run_bundle(files, run, "training", shared, cache_bytes)
+        timing = _training_timing(parser)
+        checkpoint = latest_checkpoint(root / "models")
+        if checkpoint is None:
+            raise RuntimeError(f"Training {method} saved no checkpoint in {root / 'models'}.")
+    trained = time.perf_counter()
+    gc.collect()
+    evaluation = {**run, "eval_output_dir": str(root / "evaluation")}
+    evaluation.update({"zero_shot": True} if checkpoint is None else {"eval_checkpoint": checkpoint})
+    run_bundle(
+        [files[0], files[0].with_name("evaluate.json"), *files[1:]], evaluation, "evaluating", shared, cache_bytes
+    )
+    done = time.perf_counter()
+    rows = [
+        {
+            "method": method,
+            **row,
+            "train_s": round(trained - start, 1),
+            "eval_s": round(done - trained, 1),
+            "step_ms": round(timing["step_ms"], 1) if timing else "",
+            "data_ms": round(timing["data_ms"], 1) if timing else "",
+        }
+        for row in summarise_metrics(root / "evaluation" / "metrics.csv")
+    ]
+    _append_rows(csv_path, rows)
+    logger.info("%s: %s", method, ", ".join(f"{r['label_name']} Dice {r['dice']:.4f}" for r in rows))
+    return rows
+
+
 def compare_methods(
     methods: Sequence[str],
     dataset_dir: str | os.PathLike,
@@ -206,6 +254,8 @@ def compare_methods(
     cache_gb: float = 4.0,
     extra: Mapping[str, Any] | None = None,
     csv_path: str | os.PathLike | None = None,
+    on_rows: Callable[[str, list[dict[str, Any]]], None] | None = None,
+    on_failure: Callable[[str, Exception], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Fine-tune and evaluate each method (``ZERO_SHOT``: evaluate only), appending its rows to a CSV as it finishes.
 
@@ -224,6 +274,10 @@ def compare_methods(
         cache_gb: memory budget of the shared trunk cache (kept on the device that computed the features).
         extra: more overrides for every run (e.g. ``{"backbone": "tiny"}``).
         csv_path: the CSV rows are appended to (default ``<output_dir>/accuracy.csv``).
+        on_rows: called with each method and its rows once they are in the CSV (e.g. to rewrite a table, so that
+            it never lags a finished method).
+        on_failure: called with a method and its error when the method fails (training or evaluation raises, or
+            saves no checkpoint); the comparison then goes on with the next method. Without it the error is raised.
 
     Returns:
         One row per method and label: Dice mean/SD, HD95, empty predictions, training and evaluation seconds, and the
@@ -250,41 +304,21 @@ def compare_methods(
         common["validate#datalist"] = f"$@datalists[1][:{budget.val_cases}]"
     results: list[dict[str, Any]] = []
     for method in methods:
-        preset = "decoder_only" if method == ZERO_SHOT else method
-        files = [bundle / "train.json", root / "configs" / "datasets" / f"{dataset_preset}.json"]
-        files.append(root / "configs" / "methods" / f"{preset}.json")
-        run = {**common, "bundle_root": str(out / method)}
-        for stale in ("models", "evaluation"):  # outputs of an earlier comparison in the same folder
-            shutil.rmtree(out / method / stale, ignore_errors=True)
-        start = time.perf_counter()
-        checkpoint, timing = None, {}
-        if method != ZERO_SHOT:
-            parser = run_bundle(files, run, "training", shared, cache_bytes)
-            timing = _training_timing(parser)
-            checkpoint = latest_checkpoint(out / method / "models")
-            if checkpoint is None:
-                raise RuntimeError(f"Training {method} saved no checkpoint in {out / method / 'models'}.")
-        trained = time.perf_counter()
-        gc.collect()
-        evaluation = {**run, "eval_output_dir": str(out / method / "evaluation")}
-        evaluation.update({"zero_shot": True} if checkpoint is None else {"eval_checkpoint": checkpoint})
-        run_bundle([*files[:1], bundle / "evaluate.json", *files[1:]], evaluation, "evaluating", shared, cache_bytes)
-        done = time.perf_counter()
-        rows = [
-            {
-                "method": method,
-                **row,
-                "train_s": round(trained - start, 1),
-                "eval_s": round(done - trained, 1),
-                "step_ms": round(timing["step_ms"], 1) if timing else "",
-                "data_ms": round(timing["data_ms"], 1) if timing else "",
-            }
-            for row in summarise_metrics(out / method / "evaluation" / "metrics.csv")
-        ]
-        _append_rows(Path(csv_path) if csv_path else out / "accuracy.csv", rows)
+        try:
+            preset = root / "configs" / "methods" / f"{'decoder_only' if method == ZERO_SHOT else method}.json"
+            files = [bundle / "train.json", root / "configs" / "datasets" / f"{dataset_preset}.json", preset]
+            run = {**common, "bundle_root": str(out / method)}
+            rows = _compare_one(method, files, run, shared, cache_bytes, Path(csv_path or out / "accuracy.csv"))
+        except Exception as err:  # with on_failure: reported, and the comparison goes on
+            if on_failure is None:
+                raise
+            on_failure(method, err)
+            continue
+        finally:
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         results.extend(rows)
-        logger.info("%s: %s", method, ", ".join(f"{r['label_name']} Dice {r['dice']:.4f}" for r in rows))
-        gc.collect()
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        if on_rows is not None:
+            on_rows(method, rows)
     return results

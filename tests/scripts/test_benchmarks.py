@@ -276,6 +276,47 @@ def test_sweep_goes_on_past_a_failed_run_and_keeps_its_table_current(tmp_path, m
     assert len((tmp_path / "out" / "sweep.csv").read_text().splitlines()) == 1 + 2 * 2
 
 
+def test_method_benchmark_goes_on_past_a_failed_method_and_keeps_its_table_current(tmp_path, monkeypatch, capsys):
+    """A method that fails is one sentence; the methods after it still run (sharing the comparison's trunk cache),
+    ``accuracy.md`` is rewritten after every method (never stale, even when the run is stopped), and the exit says
+    which failed. A table left by an earlier run into the folder is gone before the first method finishes."""
+    from samparser_monai.benchmarks import comparison
+
+    benchmark = _load_script("benchmark")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "accuracy.md").write_text("| lora | an earlier run's table |\n")
+    seen = []
+
+    def fake_one(method, files, run, shared, cache_bytes, csv_path):
+        table = (out / "accuracy.md").read_text() if (out / "accuracy.md").exists() else ""
+        assert "an earlier run" not in table, "the earlier run's table is gone"
+        assert all(f"| {m} |" in table for m in seen if m != "parser_paper"), "the table lags no method behind"
+        seen.append(method)
+        if method == "parser_paper":
+            raise RuntimeError("Training parser_paper saved no checkpoint in runs/parser_paper/models.")
+        rows = [{"method": method, "label": k, "label_name": name, "cases": 1, "dice": 0.8, "dice_sd": 0.0,
+                 "hd95": 1.0, "empty": 0, "train_s": 1.0, "eval_s": 1.0, "step_ms": "", "data_ms": ""}
+                for k, name in ((1, "Anterior"), (2, "Posterior"))]  # fmt: skip
+        comparison._append_rows(csv_path, rows)
+        return rows
+
+    monkeypatch.setattr(comparison, "_compare_one", fake_one)
+    monkeypatch.setattr(benchmark, "retain_freed_host_memory", lambda on: None)
+    argv = ["--part", "accuracy", "--backbone", "tiny", "--methods", "decoder_only", "parser_paper", "lora"]
+    argv += ["--dataset-dir", str(tmp_path), "--output-dir", str(out), "--device", "cpu"]
+    assert benchmark.main(argv) == 1
+    printed, err = capsys.readouterr()
+    assert seen == ["zero_shot", "decoder_only", "parser_paper", "lora"], "the method after the failed one still ran"
+    assert "parser_paper failed, skipped: Training parser_paper saved no checkpoint" in err
+    assert "1 method(s) failed (parser_paper); the table holds the others: rerun with --resume." in err
+    table = (out / "accuracy.md").read_text()
+    assert "| lora |" in table and "| zero_shot |" in table and "| parser_paper |" not in table
+    assert "(failed: parser_paper; rerun with --resume)" in table and "still running" not in table
+    assert table in printed
+    assert len((out / "accuracy.csv").read_text().splitlines()) == 1 + 3 * 2
+
+
 def test_training_prompt_shares_default_to_the_bundles_and_refuse_a_non_share():
     import argparse
     import json
