@@ -383,12 +383,34 @@ def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
     assert result.returncode == 0, result.stderr
     best = [line for line in result.stdout.splitlines() if line.startswith("| ")][1]
     cells = [c.strip() for c in best.strip("|").split("|")]
-    assert 0.4 < float(cells[2]) <= 0.9 and cells[4:] == ["0", "0.00", "0.00"], result.stdout
-    assert "| never stop | | | | 240 | 6.00 | 0.00 |" in result.stdout
+    assert 0.4 < float(cells[2]) <= 0.9 and cells[5:] == ["0", "0.00", "0.00"], result.stdout
+    assert "| never stop | | | | | 240 | 6.00 | 0.00 |" in result.stdout
     old = tmp_path / "old.csv"
     old.write_text(lines[0].rsplit(",", 1)[0] + "\n")
     refused = subprocess.run([sys.executable, str(script), str(old)], capture_output=True, text=True, timeout=120)
     assert refused.returncode == 1 and "has no in_reference column" in refused.stderr
+
+
+def test_choose_stop_rule_scores_the_overlap_test_past_the_start(tmp_path):
+    """A curved object that moves most on the slice next to the start (overlap 0.1 there, 0.9 further on) and is
+    left past its end (overlap 0.2): no overlap threshold alone separates the two, skipping the overlap test on the
+    first slice does (``StopRule.overlap_after``)."""
+    head = "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol,in_reference"
+    lines = [head, "10,0,50,1.0,0.95,1.0,,1,a,key,1"]
+    for direction in (-1, 1):
+        for step in range(1, 8):
+            overlap = 0.1 if step == 1 else 0.9 if step <= 4 else 0.2
+            lines.append(f"{10 + direction * step},{direction},40,0.8,0.9,{overlap},,1,a,key,{int(step <= 4)}")
+    trace = tmp_path / "trace.csv"
+    trace.write_text("\n".join(lines) + "\n")
+    script = SCRIPT.parent / "choose_stop_rule.py"
+    result = subprocess.run([sys.executable, str(script), str(trace), "--top", "1"], capture_output=True, text=True,
+                            timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    best = [line for line in result.stdout.splitlines() if line.startswith("| ")][1]
+    cells = [c.strip() for c in best.strip("|").split("|")]
+    assert 0.2 < float(cells[3]) <= 0.9 and int(cells[4]) >= 1, result.stdout
+    assert cells[5:] == ["0", "0.00", "0.00"], result.stdout
 
 
 def test_runtime_table_reads_speed_ups_against_the_first_runtime(tmp_path):
