@@ -366,23 +366,29 @@ def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
     assert outside.returncode == 1 and "--first-case 1 is outside the 1 validation cases" in outside.stderr
 
 
-def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
-    """A trace where SAM's predicted IoU drops once the object ends: the best rules keep exactly the object."""
+def _best_stop_rule(tmp_path, statistics) -> tuple[list[str], subprocess.CompletedProcess, list[str]]:
+    """Run choose_stop_rule.py on a trace of one object, 4 slices each way from its start slice and 3 past each end,
+    ``statistics(step)`` giving each slice's (predicted IoU, overlap); the best rule's cells, the run, the lines."""
     head = "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol,in_reference"
     lines = [head, "10,0,50,1.0,0.95,1.0,,1,a,key,1"]
     for direction in (-1, 1):
         for step in range(1, 8):
-            inside = step <= 4
-            iou = 0.9 if inside else 0.4
-            lines.append(f"{10 + direction * step},{direction},40,0.8,{iou},0.9,,1,a,key,{int(inside)}")
+            iou, overlap = statistics(step)
+            lines.append(f"{10 + direction * step},{direction},40,0.8,{iou},{overlap},,1,a,key,{int(step <= 4)}")
     trace = tmp_path / "trace.csv"
     trace.write_text("\n".join(lines) + "\n")
     script = SCRIPT.parent / "choose_stop_rule.py"
-    result = subprocess.run([sys.executable, str(script), str(trace), "--top", "3"], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, str(script), str(trace), "--top", "1"], capture_output=True, text=True,
                             timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr
     best = [line for line in result.stdout.splitlines() if line.startswith("| ")][1]
-    cells = [c.strip() for c in best.strip("|").split("|")]
+    return [c.strip() for c in best.strip("|").split("|")], result, lines
+
+
+def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
+    """A trace where SAM's predicted IoU drops once the object ends: the best rules keep exactly the object."""
+    cells, result, lines = _best_stop_rule(tmp_path, lambda step: (0.9 if step <= 4 else 0.4, 0.9))
+    script = SCRIPT.parent / "choose_stop_rule.py"
     assert 0.4 < float(cells[2]) <= 0.9 and cells[5:] == ["0", "0.00", "0.00"], result.stdout
     assert "| never stop | | | | | 240 | 6.00 | 0.00 |" in result.stdout
     old = tmp_path / "old.csv"
@@ -395,20 +401,7 @@ def test_choose_stop_rule_scores_the_overlap_test_past_the_start(tmp_path):
     """A curved object that moves most on the slice next to the start (overlap 0.1 there, 0.9 further on) and is
     left past its end (overlap 0.2): no overlap threshold alone separates the two, skipping the overlap test on the
     first slice does (``StopRule.overlap_after``)."""
-    head = "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol,in_reference"
-    lines = [head, "10,0,50,1.0,0.95,1.0,,1,a,key,1"]
-    for direction in (-1, 1):
-        for step in range(1, 8):
-            overlap = 0.1 if step == 1 else 0.9 if step <= 4 else 0.2
-            lines.append(f"{10 + direction * step},{direction},40,0.8,0.9,{overlap},,1,a,key,{int(step <= 4)}")
-    trace = tmp_path / "trace.csv"
-    trace.write_text("\n".join(lines) + "\n")
-    script = SCRIPT.parent / "choose_stop_rule.py"
-    result = subprocess.run([sys.executable, str(script), str(trace), "--top", "1"], capture_output=True, text=True,
-                            timeout=120)  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    best = [line for line in result.stdout.splitlines() if line.startswith("| ")][1]
-    cells = [c.strip() for c in best.strip("|").split("|")]
+    cells, result, _ = _best_stop_rule(tmp_path, lambda step: (0.9, 0.1 if step == 1 else 0.9 if step <= 4 else 0.2))
     assert 0.2 < float(cells[3]) <= 0.9 and int(cells[4]) >= 1, result.stdout
     assert cells[5:] == ["0", "0.00", "0.00"], result.stdout
 
