@@ -40,6 +40,7 @@ from samparser_monai.data import bundle_datalists
 from samparser_monai.engines.evaluation import case_metrics
 from samparser_monai.engines.simulated_prompts import PROTOCOLS, simulate
 from samparser_monai.engines.stop_rule import add_stop_rule_arguments, stop_rule_from_args
+from samparser_monai.errors import root_message
 from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import RUNTIMES, runtime_cache_dir, use_runtime
 from samparser_monai.process import retain_freed_host_memory
@@ -47,6 +48,7 @@ from samparser_monai.transforms.pipelines import volume_transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
+OUTPUTS = ("prompts.csv", "prompts.md", "trace.csv", "by_distance.md")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -88,69 +90,101 @@ def main(argv: Sequence[str] | None = None) -> int:
         transform = volume_transforms(args.intensity, keys=("image", "label"))
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        rows, traces = [], []
-        for item in tqdm(cases, desc="cases", unit="case"):
-            data = transform(item)
-            reference = data["label"][0].long().numpy()
-            labels = [int(v) for v in np.unique(reference) if v]
-            spacing = [float(s) for s in np.sqrt((np.asarray(data["image"].affine)[:3, :3] ** 2).sum(0))]
-            others = tuple(a for a in range(3) if a != args.axis)
-            for protocol in args.protocols:
-                start = time.perf_counter()
-                run = simulate(protocol, model, data["image"], reference, args.axis, args.batch_size, rule, labels)
-                prediction, passes = run.labels.numpy(), run.encoder_passes
-                seconds = time.perf_counter() - start
-                present = {lab: set(np.nonzero((reference == lab).any(axis=others))[0].tolist()) for lab in labels}
-                starts = {row["label"]: row["slice"] for row in run.trace if row["direction"] == 0}
-                traces += [
-                    dict(
-                        row,
-                        case=item["case"],
-                        protocol=protocol,
-                        in_reference=int(row["slice"] in present[row["label"]]),
-                        distance=abs(row["slice"] - starts.get(row["label"], row["slice"])),
-                        **slice_scores(prediction, reference, row["label"], args.axis, row["slice"]),
-                    )
-                    for row in run.trace
-                ]
-                n = max(labels) + 1
-                one_hot = [
-                    torch.nn.functional.one_hot(torch.as_tensor(a), n).permute(3, 0, 1, 2)
-                    for a in (prediction, reference)
-                ]
-                metrics = case_metrics(one_hot[0], one_hot[1], spacing, 1.0)
-                for label, metric in zip(range(1, n), metrics):
-                    predicted, present = (prediction == label).any(axis=others), (reference == label).any(axis=others)
-                    rows.append(
-                        {
-                            "case": item["case"],
-                            "protocol": protocol,
-                            "label": label,
-                            "dice": metric["dice"],
-                            "hd95": metric["hd95"],
-                            "fp_slices": int((predicted & ~present).sum()),
-                            "encoder_passes": passes,
-                            "seconds": round(seconds, 2),
-                        }  # fmt: skip
-                    )
-        with open(out / "prompts.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        if args.trace and traces:
-            with open(out / "trace.csv", "w", newline="") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(traces[0]))
-                writer.writeheader()
-                writer.writerows(traces)
-            (out / "by_distance.md").write_text(render_by_distance(traces))
-        table = render(rows)
-        (out / "prompts.md").write_text(table)
+        for name in OUTPUTS:  # an earlier run's tables must never pass for this run's
+            (out / name).unlink(missing_ok=True)
+        rows, traces, skipped = [], [], []
+        for done, item in enumerate(tqdm(cases, desc="cases", unit="case"), start=1):
+            try:
+                case_rows, case_traces = run_case(item, transform, model, rule, args)
+            except Exception as err:  # a bad case is reported and skipped; the benchmark goes on
+                skipped.append(str(item["case"]))
+                tqdm.write(f"case {item['case']} skipped: {root_message(err)}", file=sys.stderr)
+            else:
+                rows += case_rows
+                traces += case_traces
+            if rows:
+                table = write_outputs(out, rows, traces if args.trace else [], done, len(cases), skipped)
+        if not rows:
+            raise ValueError(f"every one of the {len(cases)} cases failed: nothing to report.")
         print(table)
+        if skipped:
+            print(f"error: {len(skipped)} of {len(cases)} cases skipped ({', '.join(skipped)}); the tables hold the "
+                  "others.", file=sys.stderr)  # fmt: skip
     except (ValueError, FileNotFoundError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"results in {Path(args.output_dir).resolve()}")
-    return 0
+    return 1 if skipped else 0
+
+
+def run_case(item: dict, transform, model: torch.nn.Module, rule, args: argparse.Namespace) -> tuple[list, list]:
+    """One validation case through every protocol of ``args.protocols``: its metric rows (one per protocol and label)
+    and its trace rows (what the stop rule saw on every slice, with the final result's scores there)."""
+    data = transform(item)
+    reference = data["label"][0].long().numpy()
+    labels = [int(v) for v in np.unique(reference) if v]
+    if not labels:
+        raise ValueError("its reference label is empty, so no prompt can be simulated")
+    spacing = [float(s) for s in np.sqrt((np.asarray(data["image"].affine)[:3, :3] ** 2).sum(0))]
+    others = tuple(a for a in range(3) if a != args.axis)
+    present = {lab: set(np.nonzero((reference == lab).any(axis=others))[0].tolist()) for lab in labels}
+    rows, traces = [], []
+    for protocol in args.protocols:
+        start = time.perf_counter()
+        run = simulate(protocol, model, data["image"], reference, args.axis, args.batch_size, rule, labels)
+        prediction, passes = run.labels.numpy(), run.encoder_passes
+        seconds = time.perf_counter() - start
+        starts = {row["label"]: row["slice"] for row in run.trace if row["direction"] == 0}
+        traces += [
+            dict(
+                row,
+                case=item["case"],
+                protocol=protocol,
+                in_reference=int(row["slice"] in present[row["label"]]),
+                distance=abs(row["slice"] - starts.get(row["label"], row["slice"])),
+                **slice_scores(prediction, reference, row["label"], args.axis, row["slice"]),
+            )
+            for row in run.trace
+        ]
+        n = max(labels) + 1
+        one_hot = [
+            torch.nn.functional.one_hot(torch.as_tensor(a), n).permute(3, 0, 1, 2) for a in (prediction, reference)
+        ]
+        metrics = case_metrics(one_hot[0], one_hot[1], spacing, 1.0)
+        for label, metric in zip(range(1, n), metrics):
+            predicted, truth = (prediction == label).any(axis=others), (reference == label).any(axis=others)
+            rows.append(
+                {
+                    "case": item["case"],
+                    "protocol": protocol,
+                    "label": label,
+                    "dice": metric["dice"],
+                    "hd95": metric["hd95"],
+                    "fp_slices": int((predicted & ~truth).sum()),
+                    "encoder_passes": passes,
+                    "seconds": round(seconds, 2),
+                }  # fmt: skip
+            )
+    return rows, traces
+
+
+def write_outputs(out: Path, rows: list[dict], traces: list[dict], done: int, total: int, skipped: list[str]) -> str:
+    """(Re)write ``prompts.csv``, ``prompts.md`` and, with traces, ``trace.csv`` and ``by_distance.md`` from the cases
+    so far, so that a stopped run leaves tables that say how far it got; returns the Markdown table."""
+    for name, records in (("prompts.csv", rows), ("trace.csv", traces)):
+        if records:
+            with open(out / name, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(records[0]))
+                writer.writeheader()
+                writer.writerows(records)
+    if traces:
+        (out / "by_distance.md").write_text(render_by_distance(traces))
+    notes = [f"still running: {done} of {total} cases done"] if done < total else []
+    notes += [f"skipped: {', '.join(skipped)}"] if skipped else []
+    counted = len({r["case"] for r in rows})
+    table = f"{counted} cases" + (f" ({'; '.join(notes)})" if notes else "") + "\n\n" + render(rows)
+    (out / "prompts.md").write_text(table)
+    return table
 
 
 def slice_scores(prediction: np.ndarray, reference: np.ndarray, label: int, axis: int, index: int) -> dict:
