@@ -19,12 +19,18 @@ The simulation is the library's (:mod:`samparser_monai.engines.simulated_prompts
 ``evaluate.json --eval_prompt`` runs.
 
     python scripts/benchmark_prompts.py --checkpoint bundle/models/model.pt --output-dir prompts --cases 26
+
+The tables are rewritten after every case; ``--resume`` keeps the cases a stopped run finished (same settings, the
+checkpoint file unchanged) and runs the others. A case that cannot be read or segmented is one sentence on stderr
+and is skipped; the others are reported and the script exits 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
+import json
 import math
 import statistics
 import sys
@@ -49,6 +55,7 @@ from samparser_monai.transforms.pipelines import volume_transforms
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "msd_hippocampus"
 OUTPUTS = ("prompts.csv", "prompts.md", "trace.csv", "by_distance.md")
+SETTINGS = "prompts_settings.json"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,6 +81,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--runtime", default="torch", choices=RUNTIMES, help="image encoder runtime (default torch)")
     parser.add_argument("--output-dir", default="benchmark_results/prompts")
+    parser.add_argument(
+        "--resume", action="store_true", help="keep the cases an earlier run with the same settings finished"
+    )
     args = parser.parse_args(argv)
     try:
         if not Path(args.dataset_dir).is_dir():
@@ -90,10 +100,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         transform = volume_transforms(args.intensity, keys=("image", "label"))
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
+        settings = run_settings(args, rule, [str(item["case"]) for item in cases])
+        rows, traces = kept_results(out, settings) if args.resume else ([], [])
         for name in OUTPUTS:  # an earlier run's tables must never pass for this run's
             (out / name).unlink(missing_ok=True)
-        rows, traces, skipped = [], [], []
-        for done, item in enumerate(tqdm(cases, desc="cases", unit="case"), start=1):
+        (out / SETTINGS).write_text(json.dumps(settings, indent=4) + "\n")
+        kept = {str(r["case"]) for r in rows}
+        skipped: list[str] = []
+        if rows:
+            table = write_outputs(out, rows, traces, len(kept), len(cases), skipped, len(kept))
+        todo = [item for item in cases if str(item["case"]) not in kept]
+        for done, item in enumerate(tqdm(todo, desc="cases", unit="case"), start=len(kept) + 1):
             try:
                 case_rows, case_traces = run_case(item, transform, model, rule, args)
             except Exception as err:  # a bad case is reported and skipped; the benchmark goes on
@@ -103,13 +120,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows += case_rows
                 traces += case_traces
             if rows:
-                table = write_outputs(out, rows, traces if args.trace else [], done, len(cases), skipped)
+                table = write_outputs(out, rows, traces if args.trace else [], done, len(cases), skipped, len(kept))
         if not rows:
             raise ValueError(f"every one of the {len(cases)} cases failed: nothing to report.")
         print(table)
         if skipped:
             print(f"error: {len(skipped)} of {len(cases)} cases skipped ({', '.join(skipped)}); the tables hold the "
-                  "others.", file=sys.stderr)  # fmt: skip
+                  "others: rerun with --resume to retry only them.", file=sys.stderr)  # fmt: skip
     except (ValueError, FileNotFoundError, OSError, ImportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -168,10 +185,65 @@ def run_case(item: dict, transform, model: torch.nn.Module, rule, args: argparse
     return rows, traces
 
 
-def write_outputs(out: Path, rows: list[dict], traces: list[dict], done: int, total: int, skipped: list[str]) -> str:
-    """(Re)write ``prompts.csv``, ``prompts.md`` and, with traces, ``trace.csv`` and ``by_distance.md`` from the cases
-    so far, so that a stopped run leaves tables that say how far it got; returns the Markdown table."""
-    for name, records in (("prompts.csv", rows), ("trace.csv", traces)):
+def run_settings(args: argparse.Namespace, rule, cases: list[str]) -> dict:
+    """Everything a result depends on, as ``--resume`` compares it: the cases, protocols, model (the checkpoint's
+    size and modification time too: a checkpoint trained again in place is another model), stop rule and runtime."""
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    stamp = [checkpoint.stat().st_size, checkpoint.stat().st_mtime_ns] if checkpoint and checkpoint.is_file() else None
+    return {"dataset_dir": str(Path(args.dataset_dir).resolve()), "cases": cases, "protocols": args.protocols,
+            "checkpoint": args.checkpoint, "checkpoint_file": stamp, "backbone": args.backbone,
+            "base_checkpoint": args.base_checkpoint, "intensity": args.intensity, "axis": args.axis,
+            "batch_size": args.batch_size, "rule": dataclasses.asdict(rule), "trace": args.trace,
+            "device": args.device, "runtime": args.runtime, "torch": torch.__version__}  # fmt: skip
+
+
+def kept_results(out: Path, settings: dict) -> tuple[list[dict], list[dict]]:
+    """For ``--resume``: the metric and trace rows of the cases an earlier run into ``out`` finished with the same
+    settings (a case is finished when ``prompts.csv`` holds it: it is written after the case's trace).
+
+    Raises:
+        ValueError: there are rows but their settings differ from this run's, or are not on record.
+    """
+    csv_path, settings_path = out / "prompts.csv", out / SETTINGS
+    if not csv_path.exists():
+        return [], []
+    if not settings_path.exists():
+        raise ValueError(f"--resume: {settings_path} is missing, so the settings of {csv_path} are unknown: "
+                         "run without --resume to start over.")  # fmt: skip
+    earlier = json.loads(settings_path.read_text())
+    if earlier != settings:
+        changed = ", ".join(k for k in settings if earlier.get(k) != settings[k])
+        raise ValueError(f"--resume: {csv_path} was made with other settings ({changed} differ): run without "
+                         "--resume to start over, or with the same settings.")  # fmt: skip
+    rows = _read_csv(csv_path)
+    finished = {str(r["case"]) for r in rows}
+    traces = _read_csv(out / "trace.csv") if settings["trace"] and (out / "trace.csv").exists() else []
+    return rows, [r for r in traces if str(r["case"]) in finished]
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """A CSV this script wrote, numbers typed again (``case``, ``protocol`` and ``stop`` stay text)."""
+
+    def typed(key: str, value: str) -> object:
+        if key in ("case", "protocol", "stop") or value == "":
+            return value
+        for kind in (int, float):
+            try:
+                return kind(value)
+            except ValueError:
+                pass
+        return value
+
+    with open(path, newline="") as handle:
+        return [{k: typed(k, v) for k, v in row.items()} for row in csv.DictReader(handle)]
+
+
+def write_outputs(
+    out: Path, rows: list[dict], traces: list[dict], done: int, total: int, skipped: list[str], resumed: int = 0
+) -> str:
+    """(Re)write ``trace.csv`` and ``by_distance.md`` (with traces), then ``prompts.csv`` and ``prompts.md`` from the
+    cases so far, so that a stopped run leaves tables that say how far it got; returns the Markdown table."""
+    for name, records in (("trace.csv", traces), ("prompts.csv", rows)):
         if records:
             with open(out / name, "w", newline="") as handle:
                 writer = csv.DictWriter(handle, fieldnames=list(records[0]))
@@ -179,7 +251,8 @@ def write_outputs(out: Path, rows: list[dict], traces: list[dict], done: int, to
                 writer.writerows(records)
     if traces:
         (out / "by_distance.md").write_text(render_by_distance(traces))
-    notes = [f"still running: {done} of {total} cases done"] if done < total else []
+    notes = [f"resumed: {resumed} cases kept from an earlier run with the same settings"] if resumed else []
+    notes += [f"still running: {done} of {total} cases done"] if done < total else []
     notes += [f"skipped: {', '.join(skipped)}"] if skipped else []
     counted = len({r["case"] for r in rows})
     table = f"{counted} cases" + (f" ({'; '.join(notes)})" if notes else "") + "\n\n" + render(rows)

@@ -366,30 +366,50 @@ def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
     assert outside.returncode == 1 and "--first-case 1 is outside the 1 validation cases" in outside.stderr
 
 
-def test_prompt_protocol_benchmark_skips_a_bad_case_and_leaves_no_stale_table(tmp_path):
+@pytest.mark.slow
+def test_prompt_protocol_benchmark_skips_a_bad_case_leaves_no_stale_table_and_resumes(tmp_path):
     """One unreadable validation case: one sentence, the other case still reported, exit 1; the tables of an earlier
-    run in the same folder are removed first (a ``trace.csv`` this run does not write cannot pass for its own)."""
+    run in the same folder are removed first (a ``trace.csv`` this run does not write cannot pass for its own).
+    Mended, ``--resume`` runs only that case and keeps the other's rows; other settings are refused."""
     from samparser_monai.data import bundle_datalists, make_demo_dataset
 
     data = make_demo_dataset(tmp_path / "Task00_Demo", n_cases=10, shape=(32, 36, 6), seed=1)
     _, cases = bundle_datalists(data, "msd", 0.2, 0)
     assert len(cases) == 2
-    Path(cases[0]["image"]).write_bytes(b"not a NIfTI file")
+    image = Path(cases[0]["image"])
+    original = image.read_bytes()
+    image.write_bytes(b"not a NIfTI file")
     out = tmp_path / "out"
     out.mkdir()
     (out / "trace.csv").write_text("an earlier run's trace\n")
     script = SCRIPT.parent / "benchmark_prompts.py"
     args = ["--backbone", "tiny", "--dataset-dir", str(data), "--output-dir", str(out), "--protocols", "label", "key"]
-    result = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), *args, *extra], capture_output=True, text=True, timeout=600)
+
+    result = run()
     assert result.returncode == 1, result.stderr[-2000:]
     bad, good = cases[0]["case"], cases[1]["case"]
     assert f"case {bad} skipped: " in result.stderr
-    assert f"error: 1 of 2 cases skipped ({bad}); the tables hold the others." in result.stderr
+    assert f"error: 1 of 2 cases skipped ({bad}); the tables hold the others: rerun with --resume" in result.stderr
     assert not (out / "trace.csv").exists()
     table = (out / "prompts.md").read_text()
     assert table.startswith(f"1 cases (skipped: {bad})"), table
     assert re.search(r"^\| key \| 0\.\d{3} \|", table, re.M), table
-    assert {r["case"] for r in csv.DictReader((out / "prompts.csv").read_text().splitlines())} == {good}
+    first = list(csv.DictReader((out / "prompts.csv").read_text().splitlines()))
+    assert {r["case"] for r in first} == {good}
+
+    refused = run("--resume", "--batch-size", "4")
+    assert refused.returncode == 1 and "was made with other settings (batch_size differ)" in refused.stderr
+    assert (out / "prompts.csv").exists(), "a refused resume loses nothing"
+    image.write_bytes(original)
+    resumed = run("--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (out / "prompts.md").read_text().startswith("2 cases (resumed: 1 cases kept"), resumed.stdout
+    second = list(csv.DictReader((out / "prompts.csv").read_text().splitlines()))
+    assert [r for r in second if r["case"] == good] == first, "the finished case is kept, not run again"
+    assert {r["protocol"] for r in second if r["case"] == bad} == {"label", "key"}
 
 
 def _best_stop_rule(tmp_path, statistics) -> tuple[list[str], subprocess.CompletedProcess, list[str]]:
