@@ -77,6 +77,23 @@ def test_method_presets_layer_onto_the_bundle(preset, expected):
     assert forms == (set() if expected["coefficients"] is None else {"official" if "official" in preset else "auto"})
 
 
+@pytest.mark.parametrize("preset", ["datasets/msd.json", "datasets/msd_hippocampus.json"])
+def test_the_msd_presets_train_the_800_steps_measured_for_user_prompts(preset):
+    """Real 3D data trains for the length docs/benchmarks.md measured for ROIs and key-slice boxes (800 steps of
+    2, mask prompts on), with one validation pass at the end that writes ``model.pt``; the demo keeps its 16 steps."""
+    from monai.bundle import ConfigParser
+
+    def steps(*files: Path) -> int:
+        parser = ConfigParser()
+        parser.read_config([str(f) for f in files])
+        assert parser["epochs"] % parser["val_interval"] == 0, "the last epoch must validate (model.pt)"
+        assert parser.get_parsed_content("train_mask_prompt_fraction") == 0.5
+        return parser["epochs"] * parser["samples_per_epoch"] // parser["batch_size"]
+
+    assert steps(CONFIGS / "train.json", PRESETS / preset) == 800
+    assert steps(CONFIGS / "train.json") == 16
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vit_b", "vit_l", "vit_h"])
 def test_vit_presets_need_their_checkpoint(backbone, tmp_path):
