@@ -107,8 +107,13 @@ def simulate(
     batch_size: int = 8,
     rule: StopRule | None = None,
     labels: Sequence[int] | None = None,
+    embeddings: dict[int, torch.Tensor] | None = None,
 ) -> SimulatedRun:
     """Segment ``image`` (``C x X x Y x Z``) from prompts simulated from ``reference`` (``X x Y x Z``).
+
+    ``embeddings`` (slice index -> image embedding of *this* image, optional): kept by the caller, so that several
+    protocols on one image encode each slice once. ``encoder_passes`` counts the slices the protocol used either way:
+    what it costs alone.
 
     Raises:
         ValueError: an unknown protocol.
@@ -120,14 +125,14 @@ def simulate(
     ids = [i for i in ids if (reference == i).any()]
     if protocol == "label":
         prompts = label_box_prompts(torch.as_tensor(reference), axis, ids)
-        return SimulatedRun(predict_volume(network, image, prompts, axis, batch_size), len(prompts), [])
+        return SimulatedRun(predict_volume(network, image, prompts, axis, batch_size, embeddings), len(prompts), [])
     if protocol == "roi_boxes":
         boxes: dict[int, list] = {}
         for label in ids:
             box, (z0, z1) = _roi(reference == label, axis)
             for s in range(z0, z1 + 1):
                 boxes.setdefault(s, []).append((label, box))
-        return SimulatedRun(predict_volume(network, image, boxes, axis, batch_size), len(boxes), [])
+        return SimulatedRun(predict_volume(network, image, boxes, axis, batch_size, embeddings), len(boxes), [])
     engine = PromptEngine(network, axis, batch_size, rule)
     clicks = {}
     for label in ids:
@@ -137,12 +142,13 @@ def simulate(
         point.insert(axis, key)
         clicks[label] = ([_click(point, axis)], [1.0])
     rounds = 3 if protocol == "click3" else 1
-    embeddings: dict[int, torch.Tensor] = {}  # later clicks reuse the encoded slices, as an annotation app would
-    passes, trace, result = 0, [], None
+    embeddings = {} if embeddings is None else embeddings  # later clicks reuse the encoded slices, as an app would
+    used: set[int] = set()  # every slice a front reached (each was encoded, or taken from ``embeddings``)
+    trace, result = [], None
     for round_ in range(rounds):
         objects = [_object(protocol, reference == label, label, axis, clicks[label]) for label in ids]
         result = engine.segment(image, objects, embeddings)
-        passes += len(result.encoded)
+        used.update(row["slice"] for rows in result.trace for row in rows)
         trace = [dict(row, label=obj.label) for obj, rows in zip(objects, result.trace) for row in rows]
         if round_ + 1 < rounds:
             prediction = result.labels.numpy()
@@ -151,7 +157,7 @@ def simulate(
                 if correction is not None:
                     clicks[label][0].append(correction[0])
                     clicks[label][1].append(correction[1])
-    return SimulatedRun(result.labels, passes, trace)
+    return SimulatedRun(result.labels, len(used), trace)
 
 
 class SimulatedPromptInferer(Inferer):

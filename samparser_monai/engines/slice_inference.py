@@ -67,6 +67,7 @@ def predict_volume(
     prompts: Mapping[int, Sequence[tuple[int, torch.Tensor]]],
     axis: int = 2,
     batch_size: int = 8,
+    embeddings: dict[int, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """A 3D label map from box prompts on slices of ``image``.
 
@@ -76,6 +77,8 @@ def predict_volume(
         prompts: boxes per slice, see :data:`SlicePrompts`.
         axis: spatial axis of the slices.
         batch_size: slices per encoder pass.
+        embeddings: slice index -> image embedding of *this* image, kept by the caller across calls (slices already
+            in it are not encoded again; those encoded here are added); ``None``: every prompted slice is encoded.
 
     Returns:
         ``X x Y x Z`` int64 label map: where several boxes of a slice claim a voxel, the highest logit wins; voxels
@@ -88,18 +91,38 @@ def predict_volume(
     slices = sorted(s for s, boxes in prompts.items() if boxes)
     for start in range(0, len(slices), batch_size):
         chunk = slices[start : start + batch_size]
-        planes = torch.stack([image.select(axis + 1, s) for s in chunk]).to(device=device, dtype=torch.float32)
         n = max(len(prompts[s]) for s in chunk)
         boxes = torch.stack(
             [torch.stack([prompts[s][min(i, len(prompts[s]) - 1)][1] for i in range(n)]) for s in chunk]
         ).to(device=device, dtype=torch.float32)  # short lists repeat their last box; those outputs are ignored
-        logits = model.decode(model.encode(planes), boxes, planes.shape[-2:]).float().cpu()
+        size = [d for i, d in enumerate(image.shape[1:]) if i != axis]
+        logits = model.decode(_embed(model, image, chunk, axis, device, embeddings), boxes, size).float().cpu()
         for row, s in enumerate(chunk):
             ids = torch.tensor([label_id for label_id, _ in prompts[s]])
             slice_logits = logits[row, : len(ids)]
             best, index = slice_logits.max(dim=0)
             out.select(axis, s).copy_(torch.where(best > 0, ids[index], 0))
     return out
+
+
+def _embed(
+    model: nn.Module,
+    image: torch.Tensor,
+    chunk: Sequence[int],
+    axis: int,
+    device: torch.device,
+    cache: dict[int, torch.Tensor] | None,
+) -> torch.Tensor:
+    """Image embeddings of the slices ``chunk``, in order: those in ``cache`` taken from it, the others encoded in
+    one pass (and added to ``cache``)."""
+    missing = [s for s in chunk if cache is None or s not in cache]
+    encoded: dict[int, torch.Tensor] = {}
+    if missing:
+        planes = torch.stack([image.select(axis + 1, s) for s in missing]).to(device=device, dtype=torch.float32)
+        encoded = dict(zip(missing, model.encode(planes)))
+        if cache is not None:
+            cache.update(encoded)
+    return torch.stack([encoded[s] if s in encoded else cache[s] for s in chunk]).to(device)  # type: ignore[index]
 
 
 class LabelBoxSliceInferer(Inferer):

@@ -349,6 +349,26 @@ def test_simulated_user_prompts_segment_the_reference(protocol):
         simulate("lasso", BrightInsideBox(), image, reference)
 
 
+def test_protocols_sharing_embeddings_encode_each_slice_once_and_give_the_same_masks_and_counts():
+    """``simulate(..., embeddings)``: one cache for every protocol of an image (the benchmark's --share-embeddings)
+    changes neither a mask nor a protocol's encoder-pass count, and encodes each slice once."""
+    from samparser_monai.engines.simulated_prompts import PROTOCOLS, simulate
+
+    shape = (40, 40, 20)
+    ellipsoid = _ellipsoid(shape, (20, 18, 10), (8.0, 10.0, 6.0))
+    image = torch.as_tensor(ellipsoid, dtype=torch.float32)[None]
+    reference = ellipsoid.astype(np.int64) * 2
+    rule = StopRule(min_area_fraction=0.0, margin=1.0)
+    alone, shared_net, shared = BrightInsideBox(), BrightInsideBox(), {}
+    for protocol in PROTOCOLS:
+        own = simulate(protocol, alone, image, reference, rule=rule)
+        together = simulate(protocol, shared_net, image, reference, rule=rule, embeddings=shared)
+        assert torch.equal(own.labels, together.labels), protocol
+        assert own.encoder_passes == together.encoder_passes, protocol
+    assert shared_net.encoded == len(shared) == 15, "the ellipsoid's 13 slices and one past each end, once"
+    assert alone.encoded > 4 * shared_net.encoded
+
+
 def test_the_growth_rule_stops_a_mask_that_spreads_past_the_object():
     image = torch.zeros(1, 40, 40, 12)
     for s in range(12):  # a square whose side grows by 2 pixels a slice: area 4x the start's by slice 7 from 2

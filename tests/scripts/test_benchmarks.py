@@ -360,6 +360,17 @@ def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
     assert {r["distance"] for r in traced if r["direction"] == "0"} == {"0"}
     by_distance = (tmp_path / "out" / "by_distance.md").read_text()
     assert re.search(r"^\| key \| 1 \| Dice \| [01]\.\d{3} \|", by_distance, re.M), by_distance
+    # --share-embeddings: one encoding per slice for all protocols, the same masks and pass counts, no seconds
+    shared_args = [*args[:4], "--output-dir", str(tmp_path / "shared"), "--share-embeddings"]
+    shared = subprocess.run([sys.executable, str(script), *shared_args], capture_output=True, text=True, timeout=600)
+    assert shared.returncode == 0, shared.stderr[-2000:]
+    again = list(csv.DictReader((tmp_path / "shared" / "prompts.csv").read_text().splitlines()))
+    assert [(r["protocol"], r["label"], r["encoder_passes"], r["fp_slices"]) for r in again] == [
+        (r["protocol"], r["label"], r["encoder_passes"], r["fp_slices"]) for r in rows
+    ]
+    assert all(abs(float(a["dice"]) - float(b["dice"])) < 0.01 for a, b in zip(again, rows))
+    assert all(r["seconds"] == "nan" for r in again)
+    assert re.search(r"^\| click3 \| .* \| [\d.]+ \| - \|$", (tmp_path / "shared" / "prompts.md").read_text(), re.M)
     # --first-case skips the first cases (choose on some, confirm on the others); past the last one: one sentence
     outside = subprocess.run([sys.executable, str(script), *args[:4], "--first-case", "1"], capture_output=True,
                              text=True, timeout=600)  # fmt: skip
