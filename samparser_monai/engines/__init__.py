@@ -12,7 +12,7 @@ from samparser_monai.data.dataset_dir import (  # the bundle configs call them a
 from samparser_monai.engines.batch import BatchEvaluator, BatchRun
 from samparser_monai.engines.checkpoint import TrainableState, require_checkpoint
 from samparser_monai.engines.coefficient_report import CoefficientMovementReport
-from samparser_monai.engines.embedding_cache import EmbeddingCache
+from samparser_monai.engines.embedding_cache import EmbeddingCache, encode_slices
 from samparser_monai.engines.evaluation import CaseMetricsWriter, case_metrics
 from samparser_monai.engines.metrics import SliceDiceMetric
 from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine, PromptResult
@@ -59,6 +59,7 @@ __all__ = [
     "bundle_datalists",
     "case_metrics",
     "dataset_label_names",
+    "encode_slices",
     "label_box_prompts",
     "latest_checkpoint",
     "predict_volume",

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable
+from collections.abc import Hashable, Iterable
 
 import torch
+from torch import nn
 
-__all__ = ["EmbeddingCache"]
+__all__ = ["EmbeddingCache", "encode_slices"]
 
 
 class EmbeddingCache:
@@ -68,6 +69,27 @@ class EmbeddingCache:
         """Drop everything (e.g. when the served weights change)."""
         with self._lock:
             self._volumes.clear()
+
+
+@torch.no_grad()
+def encode_slices(
+    model: nn.Module,
+    image: torch.Tensor,
+    slices: Iterable[int],
+    axis: int,
+    cache: dict[int, torch.Tensor],
+    batch_size: int = 8,
+) -> dict[int, torch.Tensor]:
+    """Encode the slices of ``image`` (``C x X x Y x Z``) along spatial ``axis`` that ``cache`` lacks, ``batch_size``
+    slices a pass in ascending order, and add their embeddings to ``cache`` (returned). Every slice-wise prediction
+    (oracle boxes, the 3D prompt engine) encodes through it, so a cache filled by one serves the other."""
+    missing = sorted(set(slices) - set(cache))
+    device = next(model.parameters()).device
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        planes = torch.stack([image.select(axis + 1, s) for s in chunk]).to(device=device, dtype=torch.float32)
+        cache.update(zip(chunk, model.encode(planes)))
+    return cache
 
 
 def _size(volume: dict[int, torch.Tensor]) -> int:

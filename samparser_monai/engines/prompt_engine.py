@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from samparser_monai.engines.embedding_cache import encode_slices
 from samparser_monai.engines.stop_rule import (
     FINE_TUNED_PAD,
     FINE_TUNED_ROI_OVERLAP,
@@ -176,7 +177,7 @@ class PromptEngine:
         started = [{obj.slice} for obj in objects]
         fronts = [_Front(i, obj.slice, obj.box, 0) for i, obj in enumerate(objects)]
         while fronts:  # one wave: every front is as far from its start as every other
-            self._encode(model, image, {f.slice for f in fronts}, embeddings)
+            encode_slices(model, image, {f.slice for f in fronts}, self.axis, embeddings, self.batch_size)
             kept_earlier = [set(per_object) for per_object in logits]  # nearer their starts than this wave
             next_fronts = []
             for front, (slice_logits, iou) in zip(fronts, self._decode(model, image, objects, fronts, embeddings)):
@@ -233,15 +234,6 @@ class PromptEngine:
                 fronts.append(_Front(i, s, None, 0))
                 break
         return fronts
-
-    def _encode(self, model, image: torch.Tensor, wanted: set[int], cache: dict[int, torch.Tensor]) -> None:
-        missing = sorted(wanted - set(cache))
-        device = next(model.parameters()).device
-        for start in range(0, len(missing), self.batch_size):
-            chunk = missing[start : start + self.batch_size]
-            planes = torch.stack([image.select(self.axis + 1, s) for s in chunk]).to(device=device, dtype=torch.float32)
-            for s, embedding in zip(chunk, model.encode(planes)):
-                cache[s] = embedding
 
     def _decode(self, model, image, objects, fronts, embeddings) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Logits (on the CPU) and predicted IoU per front: box-only fronts in one batch, clicked slices one by one."""

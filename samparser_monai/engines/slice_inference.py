@@ -12,6 +12,7 @@ from monai.data import MetaTensor
 from monai.inferers import Inferer
 from torch import nn
 
+from samparser_monai.engines.embedding_cache import encode_slices
 from samparser_monai.networks.param_groups import unwrap_model
 from samparser_monai.networks.sam import plain_tensor
 from samparser_monai.transforms.box_prompts import jitter_box, mask_to_box
@@ -89,40 +90,25 @@ def predict_volume(
     device = next(model.parameters()).device
     out = torch.zeros(image.shape[1:], dtype=torch.int64)
     slices = sorted(s for s, boxes in prompts.items() if boxes)
+    size = [d for i, d in enumerate(image.shape[1:]) if i != axis]
+    cache: dict[int, torch.Tensor] = {} if embeddings is None else embeddings
     for start in range(0, len(slices), batch_size):
         chunk = slices[start : start + batch_size]
         n = max(len(prompts[s]) for s in chunk)
         boxes = torch.stack(
             [torch.stack([prompts[s][min(i, len(prompts[s]) - 1)][1] for i in range(n)]) for s in chunk]
         ).to(device=device, dtype=torch.float32)  # short lists repeat their last box; those outputs are ignored
-        size = [d for i, d in enumerate(image.shape[1:]) if i != axis]
-        logits = model.decode(_embed(model, image, chunk, axis, device, embeddings), boxes, size).float().cpu()
+        encode_slices(model, image, chunk, axis, cache, batch_size)
+        emb = torch.stack([cache[s] for s in chunk]).to(device)
+        if embeddings is None:
+            cache.clear()  # nothing is kept across chunks unless the caller keeps it
+        logits = model.decode(emb, boxes, size).float().cpu()
         for row, s in enumerate(chunk):
             ids = torch.tensor([label_id for label_id, _ in prompts[s]])
             slice_logits = logits[row, : len(ids)]
             best, index = slice_logits.max(dim=0)
             out.select(axis, s).copy_(torch.where(best > 0, ids[index], 0))
     return out
-
-
-def _embed(
-    model: nn.Module,
-    image: torch.Tensor,
-    chunk: Sequence[int],
-    axis: int,
-    device: torch.device,
-    cache: dict[int, torch.Tensor] | None,
-) -> torch.Tensor:
-    """Image embeddings of the slices ``chunk``, in order: those in ``cache`` taken from it, the others encoded in
-    one pass (and added to ``cache``)."""
-    missing = [s for s in chunk if cache is None or s not in cache]
-    encoded: dict[int, torch.Tensor] = {}
-    if missing:
-        planes = torch.stack([image.select(axis + 1, s) for s in missing]).to(device=device, dtype=torch.float32)
-        encoded = dict(zip(missing, model.encode(planes)))
-        if cache is not None:
-            cache.update(encoded)
-    return torch.stack([encoded[s] if s in encoded else cache[s] for s in chunk]).to(device)  # type: ignore[index]
 
 
 class LabelBoxSliceInferer(Inferer):

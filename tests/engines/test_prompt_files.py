@@ -502,3 +502,21 @@ def test_propagation_passes_the_previous_mask_to_a_model_trained_with_mask_promp
     PromptEngine(forced, rule=StopRule(min_area_fraction=0.0, mask_prompt=True)).segment(image, [key])
     assert all(seen is not None for seen in forced.seen), "the rule can ask for masks whatever the checkpoint says"
     assert StopRule.for_model(True).mask_prompt is None, "by default the checkpoint decides"
+
+
+def test_encode_slices_encodes_only_the_missing_slices_in_batches_and_fills_the_cache():
+    """The one encoding helper of slice-wise prediction and the prompt engine: missing slices only, ascending, in
+    batches of ``batch_size``, the embeddings of the right slices added to the caller's cache."""
+    from samparser_monai.engines import encode_slices
+
+    class Recorder(BrightInsideBox):
+        def encode(self, image: torch.Tensor) -> torch.Tensor:
+            self.batches = [*getattr(self, "batches", []), len(image)]
+            return super().encode(image)
+
+    image = torch.arange(6.0).reshape(1, 1, 1, 6).expand(1, 2, 2, 6).contiguous()  # slice s holds the value s
+    net, cache = Recorder(), {2: torch.full((1, 2, 2), -1.0)}
+    assert encode_slices(net, image, [5, 0, 2, 3, 1, 5], axis=2, cache=cache, batch_size=2) is cache
+    assert net.batches == [2, 2] and sorted(cache) == [0, 1, 2, 3, 5]
+    assert all(float(cache[s].unique()) == s for s in (0, 1, 3, 5)), "each embedding is its own slice's"
+    assert float(cache[2].unique()) == -1.0, "a cached slice is not encoded again"
