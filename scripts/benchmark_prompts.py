@@ -271,13 +271,23 @@ def write_outputs(
 
 def slice_scores(prediction: np.ndarray, reference: np.ndarray, label: int, axis: int, index: int) -> dict:
     """The final result on one slice against the reference: ``slice_dice`` and ``area_ratio`` (predicted over
-    reference pixels; NaN where the reference has no ``label`` there)."""
+    reference pixels; NaN where the reference has no ``label`` there), and the pixel counts behind them
+    (``predicted_area``, ``reference_area``, ``intersection``) with the label's reference voxels in the whole volume
+    (``label_voxels``): what ``choose_stop_rule.py --score dice`` adds up into a rule's volume Dice."""
     predicted = np.take(prediction, index, axis=axis) == label
     truth = np.take(reference, index, axis=axis) == label
-    total = int(predicted.sum()) + int(truth.sum())
-    dice = 2.0 * int((predicted & truth).sum()) / total if total else 1.0
-    ratio = int(predicted.sum()) / int(truth.sum()) if truth.any() else math.nan
-    return {"slice_dice": round(dice, 4), "area_ratio": round(ratio, 4)}
+    n_predicted, n_truth, overlap = int(predicted.sum()), int(truth.sum()), int((predicted & truth).sum())
+    total = n_predicted + n_truth
+    dice = 2.0 * overlap / total if total else 1.0
+    ratio = n_predicted / n_truth if n_truth else math.nan
+    return {
+        "slice_dice": round(dice, 4),
+        "area_ratio": round(ratio, 4),
+        "predicted_area": n_predicted,
+        "reference_area": n_truth,
+        "intersection": overlap,
+        "label_voxels": int((reference == label).sum()),
+    }
 
 
 def render_by_distance(traces: list[dict], farthest: int = 6) -> str:

@@ -9,11 +9,18 @@ statistics are kept)::
     python scripts/choose_stop_rule.py prompt_trace/trace.csv
 
 A stricter rule keeps exactly a prefix of each direction's slices (propagation is deterministic up to the slice
-where it stops), so every candidate rule can be scored on the trace without running the model again. The score is
-the predicted area on slices outside the reference that the rule keeps plus the area on slices inside it that the
-rule drops (an area-weighted count of wrong slices); the table lists the best rules with their wrong slices. Record
-the trace with the overlap test off (``--stop-overlap 0``) so that the grid can score ``overlap after`` (the slices
-next to the start where the overlap test does not apply) as well.
+where it stops), so every candidate rule can be scored on the trace without running the model again. Two scores:
+
+- ``--score dice`` (default): the mean volume Dice the objects would get, from the trace's pixel counts (a kept
+  slice adds its predicted and overlapping pixels; the reference counts whole): the figure users see, where a slice
+  kept inside the reference but segmented badly costs what it costs them.
+- ``--score area``: the predicted area on slices outside the reference that the rule keeps plus the area on slices
+  inside it that the rule drops (an area-weighted count of wrong slices; also for traces without pixel counts).
+
+The table lists the best rules with their wrong slices. Record the trace with the overlap test off
+(``--stop-overlap 0``, and ``--stop-overlap-roi 0`` for ROIs) so that the grid can score ``overlap after`` (the
+slices next to the start where the overlap test does not apply) as well. In a trace of ROI propagation the grid's
+overlap is the ROI's (``--stop-overlap-roi``): record one protocol per trace.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ IOUS = (-1.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 OVERLAPS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)
 #: slices next to the start where the overlap test does not apply (``StopRule.overlap_after``)
 OVERLAP_AFTERS = (0, 1, 2, 3)
+#: the trace columns ``--score dice`` adds up (``benchmark_prompts.py --trace`` writes them)
+PIXEL_COLUMNS = ("predicted_area", "intersection", "label_voxels")
 
 
 def directions(rows: list[dict]) -> list[list[dict]]:
@@ -44,6 +53,28 @@ def directions(rows: list[dict]) -> list[list[dict]]:
     return [sorted(group, key=lambda r: int(r["slice"]) * int(r["direction"])) for group in groups.values()]
 
 
+def objects(rows: list[dict]) -> list[tuple[dict, list[list[dict]]]]:
+    """The trace per object (case, protocol, label): its start row and its directions (see :func:`directions`)."""
+    starts = {(r["case"], r["protocol"], r["label"]): r for r in rows if int(r["direction"]) == 0}
+    walks: dict[tuple, list[list[dict]]] = {key: [] for key in starts}
+    for walk in directions(rows):
+        key = (walk[0]["case"], walk[0]["protocol"], walk[0]["label"])
+        if key in walks:
+            walks[key].append(walk)
+    return [(starts[key], walks[key]) for key in starts]
+
+
+def fires(row: dict, distance: int, area: float, growth: float, iou: float, overlap: float, after: int) -> bool:
+    """Whether the rule ends its direction on ``row``, ``distance`` slices from the start (as ``StopRule`` does)."""
+    return (
+        int(row["area"]) == 0
+        or float(row["area_fraction"]) < area
+        or (growth > 0 and float(row["area_fraction"]) > growth)
+        or float(row["iou"]) < iou
+        or (distance > after and float(row["overlap"]) < overlap)
+    )
+
+
 def score(
     walks: list[list[dict]], area: float, growth: float, iou: float, overlap: float, overlap_after: int = 0
 ) -> tuple[float, int, int]:
@@ -55,14 +86,7 @@ def score(
     for walk in walks:
         stopped = False
         for distance, row in enumerate(walk, start=1):
-            fires = (
-                int(row["area"]) == 0
-                or float(row["area_fraction"]) < area
-                or (growth > 0 and float(row["area_fraction"]) > growth)
-                or float(row["iou"]) < iou
-                or (distance > overlap_after and float(row["overlap"]) < overlap)
-            )
-            stopped = stopped or fires
+            stopped = stopped or fires(row, distance, area, growth, iou, overlap, overlap_after)
             inside = int(row["in_reference"]) == 1
             if stopped and inside:
                 cost, dropped_in = cost + float(row["area"]), dropped_in + 1
@@ -71,11 +95,50 @@ def score(
     return cost, kept_out, dropped_in
 
 
+def dice_score(
+    traced: list[tuple[dict, list[list[dict]]]],
+    area: float,
+    growth: float,
+    iou: float,
+    overlap: float,
+    overlap_after: int = 0,
+) -> tuple[float, dict[str, float], int, int]:
+    """Mean volume Dice over the objects of ``traced`` (:func:`objects`) under one rule, the mean per label, and the
+    wrongly kept and wrongly dropped slices. An object's Dice is twice the overlapping pixels of its kept slices (the
+    start slice always) over their predicted pixels plus the label's reference voxels."""
+    per_label: dict[str, list[float]] = {}
+    kept_out = dropped_in = 0
+    for start, walks in traced:
+        predicted, overlapping = float(start["predicted_area"]), float(start["intersection"])
+        for walk in walks:
+            stopped = False
+            for distance, row in enumerate(walk, start=1):
+                stopped = stopped or fires(row, distance, area, growth, iou, overlap, overlap_after)
+                inside = int(row["in_reference"]) == 1
+                if stopped:
+                    dropped_in += inside
+                    continue
+                kept_out += not inside
+                predicted += float(row["predicted_area"])
+                overlapping += float(row["intersection"])
+        total = predicted + float(start["label_voxels"])
+        per_label.setdefault(start["label"], []).append(2.0 * overlapping / total if total else 1.0)
+    everything = [d for values in per_label.values() for d in values]
+    means = {label: sum(values) / len(values) for label, values in sorted(per_label.items())}
+    return sum(everything) / max(len(everything), 1), means, kept_out, dropped_in
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Score every rule of the grid; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("trace", help="trace.csv from benchmark_prompts.py --trace (with an in_reference column)")
     parser.add_argument("--top", type=int, default=10, help="rules to list (default 10)")
+    parser.add_argument(
+        "--score",
+        choices=("dice", "area"),
+        default="dice",
+        help="rank rules by the mean volume Dice they give (default) or by the area on wrongly kept and dropped slices",
+    )
     args = parser.parse_args(argv)
     try:
         with open(args.trace, newline="") as handle:
@@ -87,23 +150,62 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: '{args.trace}' has no in_reference column: record it with benchmark_prompts.py --trace.",
               file=sys.stderr)  # fmt: skip
         return 1
-    walks = directions(rows)
-    objects = len({(r["case"], r["protocol"], r["label"]) for r in rows})
+    missing = [c for c in PIXEL_COLUMNS if c not in rows[0]]
+    if args.score == "dice" and missing:
+        print(f"error: '{args.trace}' has no {missing[0]} column, which --score dice adds up: record it again with "
+              "benchmark_prompts.py --trace, or score it with --score area.", file=sys.stderr)  # fmt: skip
+        return 1
     grid = itertools.product(AREAS, GROWTHS, IOUS, OVERLAPS, OVERLAP_AFTERS)
     # overlap_after changes nothing without an overlap test: those rules are scored once
-    grid = (rule for rule in grid if rule[3] > 0 or rule[4] == 0)
-    results = sorted((score(walks, *rule), rule) for rule in grid)
-    lines = [f"{objects} objects, {len(walks)} directions from {Path(args.trace).name}", "",
-             "| min area fraction | max area fraction | min predicted IoU | min overlap | overlap after | "
-             "area-weighted error | FP slices / object | missed slices / object |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for (cost, kept_out, dropped_in), (a, g, i, o, n) in results[: args.top]:
-        lines.append(f"| {a} | {g} | {i} | {o} | {n} | {cost:.0f} | {kept_out / objects:.2f} | "
-                     f"{dropped_in / objects:.2f} |")  # fmt: skip
-    never = score(walks, 0.0, 0.0, -1.0, 0.0)
-    lines.append(f"| never stop | | | | | {never[0]:.0f} | {never[1] / objects:.2f} | {never[2] / objects:.2f} |")
-    print("\n".join(lines))
+    rules = [rule for rule in grid if rule[3] > 0 or rule[4] == 0]
+    never = (0.0, 0.0, -1.0, 0.0, 0)
+    if args.score == "dice":
+        lines = dice_table(objects(rows), rules, never, args.top)
+    else:
+        lines = area_table(directions(rows), rules, never, args.top)
+    n_objects = len({(r["case"], r["protocol"], r["label"]) for r in rows})
+    print("\n".join([f"{n_objects} objects from {Path(args.trace).name}", "", *lines]))
     return 0
+
+
+_HEAD = "| min area fraction | max area fraction | min predicted IoU | min overlap | overlap after | "
+
+
+def area_table(walks: list[list[dict]], rules: list[tuple], never: tuple, top: int) -> list[str]:
+    """Markdown rows of the best ``top`` rules by :func:`score` (lowest error first), then the rule that never
+    stops."""
+    n = len({(w[0]["case"], w[0]["protocol"], w[0]["label"]) for w in walks}) or 1
+    lines = [_HEAD + "area-weighted error | FP slices / object | missed slices / object |", "|---:" * 8 + "|"]
+    for (cost, kept_out, dropped_in), (a, g, i, o, k) in sorted((score(walks, *rule), rule) for rule in rules)[:top]:
+        lines.append(f"| {a} | {g} | {i} | {o} | {k} | {cost:.0f} | {kept_out / n:.2f} | {dropped_in / n:.2f} |")
+    cost, kept_out, dropped_in = score(walks, *never)
+    lines.append(f"| never stop | | | | | {cost:.0f} | {kept_out / n:.2f} | {dropped_in / n:.2f} |")
+    return lines
+
+
+def dice_table(traced: list[tuple[dict, list[list[dict]]]], rules: list[tuple], never: tuple, top: int) -> list[str]:
+    """Markdown rows of the best ``top`` rules by :func:`dice_score` (highest mean Dice first, per label after it),
+    then the rule that never stops."""
+    n = len(traced) or 1
+    lines = [_HEAD + "mean Dice | Dice per label | FP slices / object | missed slices / object |", "|---:" * 9 + "|"]
+
+    def row(cells: str, result: tuple[float, dict[str, float], int, int]) -> str:
+        mean, per_label, kept_out, dropped_in = result
+        labels = " / ".join(f"{label}: {value:.4f}" for label, value in per_label.items())
+        return f"{cells} | {mean:.4f} | {labels} | {kept_out / n:.2f} | {dropped_in / n:.2f} |"
+
+    scored = sorted(((dice_score(traced, *rule), rule) for rule in rules), key=lambda item: -item[0][0])
+    listed: list[tuple] = []
+    for result, (a, g, i, o, k) in scored:
+        if result in listed:  # the same slices kept as a rule above: the first of them stands for all
+            continue
+        if len(listed) == top:
+            break
+        listed.append(result)
+        lines.append(row(f"| {a} | {g} | {i} | {o} | {k}", result))
+    lines.append(row("| never stop | | | |", dice_score(traced, *never)))
+    lines += ["", "Rules that keep the same slices as a listed one are left out (the grid's first of them is shown)."]
+    return lines
 
 
 if __name__ == "__main__":
