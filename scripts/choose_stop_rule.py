@@ -19,8 +19,9 @@ where it stops), so every candidate rule can be scored on the trace without runn
 
 The table lists the best rules with their wrong slices. Record the trace with the overlap test off
 (``--stop-overlap 0``, and ``--stop-overlap-roi 0`` for ROIs) so that the grid can score ``overlap after`` (the
-slices next to the start where the overlap test does not apply) as well. In a trace of ROI propagation the grid's
-overlap is the ROI's (``--stop-overlap-roi``): record one protocol per trace.
+slices next to the start where the overlap test does not apply) as well. Each protocol of the trace gets its own
+table: in the ``roi`` table the grid's overlap stands for the ROI's (``--stop-overlap-roi``). Objects restarted by
+corrective clicks (``click3``) have several start slices and are left out.
 """
 
 from __future__ import annotations
@@ -159,12 +160,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     # overlap_after changes nothing without an overlap test: those rules are scored once
     rules = [rule for rule in grid if rule[3] > 0 or rule[4] == 0]
     never = (0.0, 0.0, -1.0, 0.0, 0)
-    if args.score == "dice":
-        lines = dice_table(objects(rows), rules, never, args.top)
-    else:
-        lines = area_table(directions(rows), rules, never, args.top)
-    n_objects = len({(r["case"], r["protocol"], r["label"]) for r in rows})
-    print("\n".join([f"{n_objects} objects from {Path(args.trace).name}", "", *lines]))
+    blocks = []
+    for protocol in dict.fromkeys(r["protocol"] for r in rows):  # one table per protocol: their rules differ
+        own = [r for r in rows if r["protocol"] == protocol]
+        starts = [(r["case"], r["label"]) for r in own if int(r["direction"]) == 0]
+        head = f"{protocol}: {len(set(starts))} objects from {Path(args.trace).name}"
+        if len(starts) != len(set(starts)):
+            blocks.append(f"{head}: left out, some objects start on several slices (corrective clicks), and a rule "
+                          "cannot be scored on a walk that another start's masks meet.")  # fmt: skip
+            continue
+        if args.score == "dice":
+            lines = dice_table(objects(own), rules, never, args.top)
+        else:
+            lines = area_table(directions(own), rules, never, args.top)
+        blocks.append("\n".join([head, "", *lines]))
+    print("\n\n".join(blocks))
     return 0
 
 

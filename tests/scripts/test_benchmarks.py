@@ -502,6 +502,14 @@ def test_choose_stop_rule_scores_by_dice_what_the_area_score_keeps(tmp_path):
     assert cells[5:] == [f"{2 * 261 / 660:.4f}", f"1: {2 * 261 / 660:.4f}", "0.00", "2.00"], result.stdout
     by_area, _, _ = _best_stop_rule(tmp_path, statistics, "area", pixels)
     assert 0.4 < float(by_area[2]) <= 0.6 and by_area[5:] == ["0", "0.00", "0.00"], "counting slices keeps them"
+    restarted = (tmp_path / "trace.csv").read_text() + "".join(
+        f"{z},0,40,1.0,0.9,1.0,,1,a,click3,1,40,36,370\n" for z in (3, 12)
+    )  # a click3 object started again on a second slice by a corrective click
+    (tmp_path / "restarted.csv").write_text(restarted)
+    both = subprocess.run([sys.executable, str(SCRIPT.parent / "choose_stop_rule.py"), str(tmp_path / "restarted.csv")],
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert both.returncode == 0 and both.stdout.startswith("key: 1 objects from restarted.csv"), both.stdout
+    assert "click3: 1 objects from restarted.csv: left out, some objects start on several slices" in both.stdout
     trace = tmp_path / "old.csv"
     trace.write_text((tmp_path / "trace.csv").read_text().replace(",predicted_area", ",other"))
     refused = subprocess.run([sys.executable, str(SCRIPT.parent / "choose_stop_rule.py"), str(trace)],
