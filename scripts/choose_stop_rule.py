@@ -39,8 +39,16 @@ IOUS = (-1.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 OVERLAPS = (0.0, 0.3, 0.5, 0.7, 0.8, 0.9)
 #: slices next to the start where the overlap test does not apply (``StopRule.overlap_after``)
 OVERLAP_AFTERS = (0, 1, 2, 3)
+#: the share of a mask on another object's mask above which its direction ends (``StopRule.max_claimed``, 0: off)
+CLAIMS = (0.0, 0.3, 0.5, 0.7)
 #: the trace columns ``--score dice`` adds up (``benchmark_prompts.py --trace`` writes them)
 PIXEL_COLUMNS = ("predicted_area", "intersection", "label_voxels")
+
+#: one rule of the grid: (min area fraction, max area fraction, min IoU, min overlap, overlap after, max claimed)
+Rule = tuple[float, float, float, float, int, float]
+#: one traced slice as the scores read it: (area, area fraction, IoU, overlap, claimed, inside the reference,
+#: predicted pixels, overlapping pixels)
+Step = tuple[int, float, float, float, float, bool, float, float]
 
 
 def directions(rows: list[dict]) -> list[list[dict]]:
@@ -54,56 +62,58 @@ def directions(rows: list[dict]) -> list[list[dict]]:
     return [sorted(group, key=lambda r: int(r["slice"]) * int(r["direction"])) for group in groups.values()]
 
 
-def objects(rows: list[dict]) -> list[tuple[dict, list[list[dict]]]]:
-    """The trace per object (case, protocol, label): its start row and its directions (see :func:`directions`)."""
+def steps(walk: list[dict]) -> list[Step]:
+    """A direction's rows as numbers (a trace without ``claimed`` or pixel counts reads 0 there)."""
+    return [
+        (int(r["area"]), float(r["area_fraction"]), float(r["iou"]), float(r["overlap"]), float(r.get("claimed") or 0),
+         int(r["in_reference"]) == 1, float(r.get("predicted_area") or 0), float(r.get("intersection") or 0))
+        for r in walk
+    ]  # fmt: skip
+
+
+def objects(rows: list[dict]) -> list[tuple[dict, list[list[Step]]]]:
+    """The trace per object (case, protocol, label): its start row and its directions (:func:`directions`, as
+    :func:`steps`)."""
     starts = {(r["case"], r["protocol"], r["label"]): r for r in rows if int(r["direction"]) == 0}
-    walks: dict[tuple, list[list[dict]]] = {key: [] for key in starts}
+    walks: dict[tuple, list[list[Step]]] = {key: [] for key in starts}
     for walk in directions(rows):
         key = (walk[0]["case"], walk[0]["protocol"], walk[0]["label"])
         if key in walks:
-            walks[key].append(walk)
+            walks[key].append(steps(walk))
     return [(starts[key], walks[key]) for key in starts]
 
 
-def fires(row: dict, distance: int, area: float, growth: float, iou: float, overlap: float, after: int) -> bool:
-    """Whether the rule ends its direction on ``row``, ``distance`` slices from the start (as ``StopRule`` does)."""
-    return (
-        int(row["area"]) == 0
-        or float(row["area_fraction"]) < area
-        or (growth > 0 and float(row["area_fraction"]) > growth)
-        or float(row["iou"]) < iou
-        or (distance > after and float(row["overlap"]) < overlap)
-    )
+def kept(walk: list[Step], rule: Rule) -> int:
+    """How many slices of ``walk`` the rule keeps: those before the first where it fires (as ``StopRule`` does; the
+    claimed share is the unstopped trace's, so that test is an estimate where another object's stop moves it)."""
+    area, growth, iou, overlap, after, claimed = rule
+    for distance, (pixels, fraction, predicted_iou, on_previous, on_others, *_) in enumerate(walk, start=1):
+        if (
+            pixels == 0
+            or fraction < area
+            or (growth > 0 and fraction > growth)
+            or predicted_iou < iou
+            or (distance > after and on_previous < overlap)
+            or (claimed > 0 and on_others > claimed)
+        ):
+            return distance - 1
+    return len(walk)
 
 
-def score(
-    walks: list[list[dict]], area: float, growth: float, iou: float, overlap: float, overlap_after: int = 0
-) -> tuple[float, int, int]:
-    """Area-weighted error, wrongly kept slices and wrongly dropped slices of one rule over every direction.
-
-    ``overlap_after``: the overlap test applies only past this many slices from the start (``StopRule``).
-    """
+def score(walks: list[list[Step]], rule: Rule) -> tuple[float, int, int]:
+    """Area-weighted error, wrongly kept slices and wrongly dropped slices of one rule over every direction."""
     cost, kept_out, dropped_in = 0.0, 0, 0
     for walk in walks:
-        stopped = False
-        for distance, row in enumerate(walk, start=1):
-            stopped = stopped or fires(row, distance, area, growth, iou, overlap, overlap_after)
-            inside = int(row["in_reference"]) == 1
-            if stopped and inside:
-                cost, dropped_in = cost + float(row["area"]), dropped_in + 1
-            elif not stopped and not inside:
-                cost, kept_out = cost + float(row["area"]), kept_out + 1
+        n = kept(walk, rule)
+        for i, (pixels, *_, inside, _, _) in enumerate(walk):
+            if i >= n and inside:
+                cost, dropped_in = cost + pixels, dropped_in + 1
+            elif i < n and not inside:
+                cost, kept_out = cost + pixels, kept_out + 1
     return cost, kept_out, dropped_in
 
 
-def dice_score(
-    traced: list[tuple[dict, list[list[dict]]]],
-    area: float,
-    growth: float,
-    iou: float,
-    overlap: float,
-    overlap_after: int = 0,
-) -> tuple[float, dict[str, float], int, int]:
+def dice_score(traced: list[tuple[dict, list[list[Step]]]], rule: Rule) -> tuple[float, dict[str, float], int, int]:
     """Mean volume Dice over the objects of ``traced`` (:func:`objects`) under one rule, the mean per label, and the
     wrongly kept and wrongly dropped slices. An object's Dice is twice the overlapping pixels of its kept slices (the
     start slice always) over their predicted pixels plus the label's reference voxels."""
@@ -112,16 +122,13 @@ def dice_score(
     for start, walks in traced:
         predicted, overlapping = float(start["predicted_area"]), float(start["intersection"])
         for walk in walks:
-            stopped = False
-            for distance, row in enumerate(walk, start=1):
-                stopped = stopped or fires(row, distance, area, growth, iou, overlap, overlap_after)
-                inside = int(row["in_reference"]) == 1
-                if stopped:
+            n = kept(walk, rule)
+            for i, (*_, inside, pixels, common) in enumerate(walk):
+                if i >= n:
                     dropped_in += inside
                     continue
                 kept_out += not inside
-                predicted += float(row["predicted_area"])
-                overlapping += float(row["intersection"])
+                predicted, overlapping = predicted + pixels, overlapping + common
         total = predicted + float(start["label_voxels"])
         per_label.setdefault(start["label"], []).append(2.0 * overlapping / total if total else 1.0)
     everything = [d for values in per_label.values() for d in values]
@@ -156,10 +163,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: '{args.trace}' has no {missing[0]} column, which --score dice adds up: record it again with "
               "benchmark_prompts.py --trace, or score it with --score area.", file=sys.stderr)  # fmt: skip
         return 1
-    grid = itertools.product(AREAS, GROWTHS, IOUS, OVERLAPS, OVERLAP_AFTERS)
+    grid = itertools.product(AREAS, GROWTHS, IOUS, OVERLAPS, OVERLAP_AFTERS, CLAIMS)
     # overlap_after changes nothing without an overlap test: those rules are scored once
     rules = [rule for rule in grid if rule[3] > 0 or rule[4] == 0]
-    never = (0.0, 0.0, -1.0, 0.0, 0)
+    never = (0.0, 0.0, -1.0, 0.0, 0, 0.0)
     blocks = []
     for protocol in dict.fromkeys(r["protocol"] for r in rows):  # one table per protocol: their rules differ
         own = [r for r in rows if r["protocol"] == protocol]
@@ -172,48 +179,50 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.score == "dice":
             lines = dice_table(objects(own), rules, never, args.top)
         else:
-            lines = area_table(directions(own), rules, never, args.top)
+            walks = [steps(walk) for walk in directions(own)]
+            lines = area_table(walks, rules, never, args.top, len(starts))
         blocks.append("\n".join([head, "", *lines]))
     print("\n\n".join(blocks))
     return 0
 
 
-_HEAD = "| min area fraction | max area fraction | min predicted IoU | min overlap | overlap after | "
+_HEAD = "| min area fraction | max area fraction | min predicted IoU | min overlap | overlap after | max claimed | "
 
 
-def area_table(walks: list[list[dict]], rules: list[tuple], never: tuple, top: int) -> list[str]:
+def area_table(walks: list[list[Step]], rules: list[Rule], never: Rule, top: int, n: int) -> list[str]:
     """Markdown rows of the best ``top`` rules by :func:`score` (lowest error first), then the rule that never
-    stops."""
-    n = len({(w[0]["case"], w[0]["protocol"], w[0]["label"]) for w in walks}) or 1
-    lines = [_HEAD + "area-weighted error | FP slices / object | missed slices / object |", "|---:" * 8 + "|"]
-    for (cost, kept_out, dropped_in), (a, g, i, o, k) in sorted((score(walks, *rule), rule) for rule in rules)[:top]:
-        lines.append(f"| {a} | {g} | {i} | {o} | {k} | {cost:.0f} | {kept_out / n:.2f} | {dropped_in / n:.2f} |")
-    cost, kept_out, dropped_in = score(walks, *never)
-    lines.append(f"| never stop | | | | | {cost:.0f} | {kept_out / n:.2f} | {dropped_in / n:.2f} |")
+    stops; ``n`` objects."""
+    n = max(n, 1)
+    lines = [_HEAD + "area-weighted error | FP slices / object | missed slices / object |", "|---:" * 9 + "|"]
+    for (cost, kept_out, dropped_in), rule in sorted((score(walks, rule), rule) for rule in rules)[:top]:
+        cells = " | ".join(str(v) for v in rule)
+        lines.append(f"| {cells} | {cost:.0f} | {kept_out / n:.2f} | {dropped_in / n:.2f} |")
+    cost, kept_out, dropped_in = score(walks, never)
+    lines.append(f"| never stop | | | | | | {cost:.0f} | {kept_out / n:.2f} | {dropped_in / n:.2f} |")
     return lines
 
 
-def dice_table(traced: list[tuple[dict, list[list[dict]]]], rules: list[tuple], never: tuple, top: int) -> list[str]:
+def dice_table(traced: list[tuple[dict, list[list[Step]]]], rules: list[Rule], never: Rule, top: int) -> list[str]:
     """Markdown rows of the best ``top`` rules by :func:`dice_score` (highest mean Dice first, per label after it),
     then the rule that never stops."""
     n = len(traced) or 1
-    lines = [_HEAD + "mean Dice | Dice per label | FP slices / object | missed slices / object |", "|---:" * 9 + "|"]
+    lines = [_HEAD + "mean Dice | Dice per label | FP slices / object | missed slices / object |", "|---:" * 10 + "|"]
 
     def row(cells: str, result: tuple[float, dict[str, float], int, int]) -> str:
         mean, per_label, kept_out, dropped_in = result
         labels = " / ".join(f"{label}: {value:.4f}" for label, value in per_label.items())
         return f"{cells} | {mean:.4f} | {labels} | {kept_out / n:.2f} | {dropped_in / n:.2f} |"
 
-    scored = sorted(((dice_score(traced, *rule), rule) for rule in rules), key=lambda item: -item[0][0])
+    scored = sorted(((dice_score(traced, rule), rule) for rule in rules), key=lambda item: -item[0][0])
     listed: list[tuple] = []
-    for result, (a, g, i, o, k) in scored:
+    for result, rule in scored:
         if result in listed:  # the same slices kept as a rule above: the first of them stands for all
             continue
         if len(listed) == top:
             break
         listed.append(result)
-        lines.append(row(f"| {a} | {g} | {i} | {o} | {k}", result))
-    lines.append(row("| never stop | | | |", dice_score(traced, *never)))
+        lines.append(row("| " + " | ".join(str(v) for v in rule), result))
+    lines.append(row("| never stop | | | | |", dice_score(traced, never)))
     lines += ["", "Rules that keep the same slices as a listed one are left out (the grid's first of them is shown)."]
     return lines
 

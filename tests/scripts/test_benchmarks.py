@@ -436,21 +436,24 @@ def test_prompt_protocol_benchmark_skips_a_bad_case_leaves_no_stale_table_and_re
 
 
 def _best_stop_rule(
-    tmp_path, statistics, score: str = "area", pixels=None
+    tmp_path, statistics, score: str = "area", pixels=None, claimed=None
 ) -> tuple[list[str], subprocess.CompletedProcess, list[str]]:
     """Run choose_stop_rule.py on a trace of one object, 4 slices each way from its start slice and 3 past each end,
     ``statistics(step)`` giving each slice's (predicted IoU, overlap), ``pixels(direction, step)`` (``--score
-    dice``) its predicted and overlapping pixels; the best rule's cells, the run, the lines."""
+    dice``) its predicted and overlapping pixels, ``claimed(step)`` its share on another object's mask; the best
+    rule's cells, the run, the lines."""
     head = "slice,direction,area,area_fraction,iou,overlap,stop,label,case,protocol,in_reference"
-    if pixels is not None:
-        head += ",predicted_area,intersection,label_voxels"
+    head += ",predicted_area,intersection,label_voxels" if pixels is not None else ""
+    head += ",claimed" if claimed is not None else ""
     extra = (lambda direction, step: ",{},{},370".format(*pixels(direction, step))) if pixels else lambda *_: ""
-    lines = [head, "10,0,50,1.0,0.95,1.0,,1,a,key,1" + extra(0, 0)]
+    shared = (lambda step: f",{claimed(step)}") if claimed else lambda _: ""
+    lines = [head, "10,0,50,1.0,0.95,1.0,,1,a,key,1" + extra(0, 0) + shared(0)]
     for direction in (-1, 1):
         for step in range(1, 8):
-            iou, overlap = statistics(step if direction < 0 else step + 10)
+            at = step if direction < 0 else step + 10
+            iou, overlap = statistics(at)
             lines.append(f"{10 + direction * step},{direction},40,0.8,{iou},{overlap},,1,a,key,{int(step <= 4)}"
-                         + extra(direction, step))  # fmt: skip
+                         + extra(direction, step) + shared(at))  # fmt: skip
     trace = tmp_path / "trace.csv"
     trace.write_text("\n".join(lines) + "\n")
     script = SCRIPT.parent / "choose_stop_rule.py"
@@ -465,8 +468,8 @@ def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
     """A trace where SAM's predicted IoU drops once the object ends: the best rules keep exactly the object."""
     cells, result, lines = _best_stop_rule(tmp_path, lambda step: (0.9 if step % 10 <= 4 else 0.4, 0.9))
     script = SCRIPT.parent / "choose_stop_rule.py"
-    assert 0.4 < float(cells[2]) <= 0.9 and cells[5:] == ["0", "0.00", "0.00"], result.stdout
-    assert "| never stop | | | | | 240 | 6.00 | 0.00 |" in result.stdout
+    assert 0.4 < float(cells[2]) <= 0.9 and cells[6:] == ["0", "0.00", "0.00"], result.stdout
+    assert "| never stop | | | | | | 240 | 6.00 | 0.00 |" in result.stdout
     old = tmp_path / "old.csv"
     old.write_text(lines[0].rsplit(",", 1)[0] + "\n")
     refused = subprocess.run([sys.executable, str(script), str(old)], capture_output=True, text=True, timeout=120)
@@ -481,7 +484,16 @@ def test_choose_stop_rule_scores_the_overlap_test_past_the_start(tmp_path):
         tmp_path, lambda step: (0.9, 0.1 if step % 10 == 1 else 0.9 if step % 10 <= 4 else 0.2)
     )
     assert 0.2 < float(cells[3]) <= 0.9 and int(cells[4]) >= 1, result.stdout
-    assert cells[5:] == ["0", "0.00", "0.00"], result.stdout
+    assert cells[6:] == ["0", "0.00", "0.00"], result.stdout
+
+
+def test_choose_stop_rule_stops_a_mask_that_runs_onto_another_object(tmp_path):
+    """Past its end the mask runs on along the structure, as confident and as overlapping as inside it, but onto
+    another label's mask (claimed 0.9): only ``max claimed`` separates the two (``StopRule.max_claimed``)."""
+    cells, result, _ = _best_stop_rule(
+        tmp_path, lambda step: (0.9, 0.9), claimed=lambda step: 0.9 if step % 10 > 4 else 0.1
+    )
+    assert 0.1 <= float(cells[5]) < 0.9 and cells[6:] == ["0", "0.00", "0.00"], result.stdout
 
 
 def test_choose_stop_rule_scores_by_dice_what_the_area_score_keeps(tmp_path):
@@ -499,9 +511,11 @@ def test_choose_stop_rule_scores_by_dice_what_the_area_score_keeps(tmp_path):
 
     cells, result, _ = _best_stop_rule(tmp_path, statistics, "dice", pixels)
     assert 0.6 < float(cells[2]) <= 0.9, result.stdout
-    assert cells[5:] == [f"{2 * 261 / 660:.4f}", f"1: {2 * 261 / 660:.4f}", "0.00", "2.00"], result.stdout
+    assert cells[6:] == [f"{2 * 261 / 660:.4f}", f"1: {2 * 261 / 660:.4f}", "0.00", "2.00"], result.stdout
+    never = [line for line in result.stdout.splitlines() if line.startswith("| never stop")][0]
+    assert never.count("|") == [line for line in result.stdout.splitlines() if line.startswith("| ")][1].count("|")
     by_area, _, _ = _best_stop_rule(tmp_path, statistics, "area", pixels)
-    assert 0.4 < float(by_area[2]) <= 0.6 and by_area[5:] == ["0", "0.00", "0.00"], "counting slices keeps them"
+    assert 0.4 < float(by_area[2]) <= 0.6 and by_area[6:] == ["0", "0.00", "0.00"], "counting slices keeps them"
     restarted = (tmp_path / "trace.csv").read_text() + "".join(
         f"{z},0,40,1.0,0.9,1.0,,1,a,click3,1,40,36,370\n" for z in (3, 12)
     )  # a click3 object started again on a second slice by a corrective click
