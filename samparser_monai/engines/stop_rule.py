@@ -17,6 +17,9 @@ from torch import nn
 from samparser_monai.networks.param_groups import unwrap_model
 
 __all__ = [
+    "FINE_TUNED_MIN_AREA",
+    "FINE_TUNED_MAX_CLAIMED",
+    "FINE_TUNED_MIN_OVERLAP",
     "FINE_TUNED_OVERLAP_AFTER",
     "FINE_TUNED_PAD",
     "FINE_TUNED_ROI_OVERLAP",
@@ -103,9 +106,15 @@ class StopRule:
         :data:`FINE_TUNED_ROI_OVERLAP` overlap rather than ``min_overlap`` ("Stopping within an ROI"). A fine-tuned
         model answers a single click with its single-mask output, the only one fine-tuning trains
         (``click_multimask``), and tests overlap only past :data:`FINE_TUNED_OVERLAP_AFTER` slices from the start
-        ("Overlap next to the start").
+        ("Overlap next to the start"). Its propagation stops below :data:`FINE_TUNED_MIN_AREA` of the start slice's
+        area, below :data:`FINE_TUNED_MIN_OVERLAP` overlap, and where more than :data:`FINE_TUNED_MAX_CLAIMED` of a
+        mask lies on another label's: the rule that gave mask-trained models the highest Dice on traces of
+        unstopped propagation ("Stopping where the Dice says").
         """
         values = {
+            "min_area_fraction": FINE_TUNED_MIN_AREA if fine_tuned else cls.min_area_fraction,
+            "min_overlap": FINE_TUNED_MIN_OVERLAP if fine_tuned else cls.min_overlap,
+            "max_claimed": FINE_TUNED_MAX_CLAIMED if fine_tuned else cls.max_claimed,
             "pad": FINE_TUNED_PAD if fine_tuned else 0.0,
             "roi_min_overlap": FINE_TUNED_ROI_OVERLAP if fine_tuned else None,
             "overlap_after": FINE_TUNED_OVERLAP_AFTER if fine_tuned else 0,
@@ -114,6 +123,15 @@ class StopRule:
         values.update(overrides)
         return cls(**values)
 
+
+#: area below which a fine-tuned model's propagation stops, a fraction of the start slice's mask (dev split)
+FINE_TUNED_MIN_AREA = 0.1
+
+#: overlap with the previous mask below which a fine-tuned model's key-slice propagation stops (dev split)
+FINE_TUNED_MIN_OVERLAP = 0.7
+
+#: share of a fine-tuned model's mask on another label's mask (kept nearer that label's start) that ends its direction
+FINE_TUNED_MAX_CLAIMED = 0.5
 
 #: pixels each propagated box shrinks by (a side) for a fine-tuned model, chosen on the dev validation split
 FINE_TUNED_PAD = -1.0
@@ -146,6 +164,11 @@ _RULE_FLAGS = {
 
 #: rule fields whose default depends on the model (:meth:`StopRule.for_model`), as their flags' help shows them
 _BY_MODEL = {
+    "max_claimed": f"{FINE_TUNED_MAX_CLAIMED:g} with a fine-tuned --checkpoint, 0 (off) for the stock model",
+    "min_area_fraction": f"{FINE_TUNED_MIN_AREA:g} with a fine-tuned --checkpoint, {StopRule.min_area_fraction:g} for "
+    "the stock model",
+    "min_overlap": f"{FINE_TUNED_MIN_OVERLAP:g} with a fine-tuned --checkpoint, {StopRule.min_overlap:g} for the stock "
+    "model",
     "pad": f"{FINE_TUNED_PAD:g} with a fine-tuned --checkpoint, 0 for the stock model",
     "roi_min_overlap": f"{FINE_TUNED_ROI_OVERLAP:g} with a fine-tuned --checkpoint, --stop-overlap for the stock model",
     "overlap_after": f"{FINE_TUNED_OVERLAP_AFTER} with a fine-tuned --checkpoint, 0 for the stock model",

@@ -19,6 +19,9 @@ from samparser_monai.engines import label_box_prompts
 from samparser_monai.engines.prompt_engine import ObjectPrompt, PromptEngine
 from samparser_monai.engines.prompt_files import json_box_prompts, json_object_prompts, load_box_json
 from samparser_monai.engines.stop_rule import (
+    FINE_TUNED_MAX_CLAIMED,
+    FINE_TUNED_MIN_AREA,
+    FINE_TUNED_MIN_OVERLAP,
     FINE_TUNED_OVERLAP_AFTER,
     FINE_TUNED_PAD,
     FINE_TUNED_ROI_OVERLAP,
@@ -426,6 +429,9 @@ def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
     assert StopRule.for_model(fine_tuned=False) == StopRule()
     fine_tuned = StopRule.for_model(fine_tuned=True)
     expected = StopRule(
+        min_area_fraction=FINE_TUNED_MIN_AREA,
+        min_overlap=FINE_TUNED_MIN_OVERLAP,
+        max_claimed=FINE_TUNED_MAX_CLAIMED,
         pad=FINE_TUNED_PAD,
         roi_min_overlap=FINE_TUNED_ROI_OVERLAP,
         overlap_after=FINE_TUNED_OVERLAP_AFTER,
@@ -433,6 +439,8 @@ def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
     )
     assert fine_tuned == expected and FINE_TUNED_PAD < 0 and FINE_TUNED_ROI_OVERLAP < StopRule().min_overlap
     assert FINE_TUNED_OVERLAP_AFTER > StopRule().overlap_after == 0, "the stock model tests overlap from the start"
+    assert FINE_TUNED_MIN_AREA < StopRule().min_area_fraction and FINE_TUNED_MIN_OVERLAP < StopRule().min_overlap
+    assert 0 < FINE_TUNED_MAX_CLAIMED < 1 and StopRule().max_claimed == 0, "the stock model's rule ignores other labels"
     parser = argparse.ArgumentParser()
     add_stop_rule_arguments(parser)
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=False) == StopRule()
@@ -440,11 +448,19 @@ def test_fine_tuned_models_shrink_their_boxes_unless_told_otherwise():
     explicit = stop_rule_from_args(
         parser.parse_args(
             ["--pad", "0", "--stop-iou", "0.5", "--stop-overlap-roi", "0.7", "--stop-claimed", "0.4"]
-            + ["--stop-overlap-after", "0"]
+            + ["--stop-overlap-after", "0", "--stop-area", "0.3", "--stop-overlap", "0.9"]
         ),
         fine_tuned=True,
     )
-    wanted = StopRule(pad=0.0, min_iou=0.5, roi_min_overlap=0.7, max_claimed=0.4, click_multimask=False)
+    wanted = StopRule(
+        min_area_fraction=0.3,
+        min_overlap=0.9,
+        pad=0.0,
+        min_iou=0.5,
+        roi_min_overlap=0.7,
+        max_claimed=0.4,
+        click_multimask=False,
+    )
     assert explicit == wanted, "flags win"
     assert stop_rule_from_args(parser.parse_args([]), fine_tuned=True).mask_prompt is None, "auto: the checkpoint's"
     assert stop_rule_from_args(parser.parse_args(["--mask-prompt", "off"]), fine_tuned=True).mask_prompt is False
