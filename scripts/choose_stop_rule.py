@@ -33,6 +33,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tqdm import tqdm
+
 AREAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 GROWTHS = (0.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 IOUS = (-1.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -194,7 +196,8 @@ def area_table(walks: list[list[Step]], rules: list[Rule], never: Rule, top: int
     stops; ``n`` objects."""
     n = max(n, 1)
     lines = [_HEAD + "area-weighted error | FP slices / object | missed slices / object |", "|---:" * 9 + "|"]
-    for (cost, kept_out, dropped_in), rule in sorted((score(walks, rule), rule) for rule in rules)[:top]:
+    progress = tqdm(rules, desc="rules", unit="rule", file=sys.stderr, leave=False)
+    for (cost, kept_out, dropped_in), rule in sorted((score(walks, rule), rule) for rule in progress)[:top]:
         cells = " | ".join(str(v) for v in rule)
         lines.append(f"| {cells} | {cost:.0f} | {kept_out / n:.2f} | {dropped_in / n:.2f} |")
     cost, kept_out, dropped_in = score(walks, never)
@@ -213,7 +216,8 @@ def dice_table(traced: list[tuple[dict, list[list[Step]]]], rules: list[Rule], n
         labels = " / ".join(f"{label}: {value:.4f}" for label, value in per_label.items())
         return f"{cells} | {mean:.4f} | {labels} | {kept_out / n:.2f} | {dropped_in / n:.2f} |"
 
-    scored = sorted(((dice_score(traced, rule), rule) for rule in rules), key=lambda item: -item[0][0])
+    progress = tqdm(rules, desc="rules", unit="rule", file=sys.stderr, leave=False)
+    scored = sorted(((dice_score(traced, rule), rule) for rule in progress), key=lambda item: -item[0][0])
     listed: list[tuple] = []
     for result, rule in scored:
         if result in listed:  # the same slices kept as a rule above: the first of them stands for all
