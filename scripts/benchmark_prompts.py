@@ -152,6 +152,7 @@ def run_case(item: dict, transform, model: torch.nn.Module, rule, args: argparse
     spacing = [float(s) for s in np.sqrt((np.asarray(data["image"].affine)[:3, :3] ** 2).sum(0))]
     others = tuple(a for a in range(3) if a != args.axis)
     present = {lab: set(np.nonzero((reference == lab).any(axis=others))[0].tolist()) for lab in labels}
+    voxels = {lab: int((reference == lab).sum()) for lab in labels}  # each trace row's label_voxels
     rows, traces = [], []
     shared: dict[int, torch.Tensor] | None = {} if args.share_embeddings else None
     for protocol in args.protocols:
@@ -168,6 +169,7 @@ def run_case(item: dict, transform, model: torch.nn.Module, rule, args: argparse
                 in_reference=int(row["slice"] in present[row["label"]]),
                 distance=abs(row["slice"] - starts.get(row["label"], row["slice"])),
                 **slice_scores(prediction, reference, row["label"], args.axis, row["slice"]),
+                label_voxels=voxels[row["label"]],
             )
             for row in run.trace
         ]
@@ -272,8 +274,8 @@ def write_outputs(
 def slice_scores(prediction: np.ndarray, reference: np.ndarray, label: int, axis: int, index: int) -> dict:
     """The final result on one slice against the reference: ``slice_dice`` and ``area_ratio`` (predicted over
     reference pixels; NaN where the reference has no ``label`` there), and the pixel counts behind them
-    (``predicted_area``, ``reference_area``, ``intersection``) with the label's reference voxels in the whole volume
-    (``label_voxels``): what ``choose_stop_rule.py --score dice`` adds up into a rule's volume Dice."""
+    (``predicted_area``, ``reference_area``, ``intersection``): what ``choose_stop_rule.py --score dice`` adds up
+    into a rule's volume Dice, with the label's reference voxels in the whole volume (``label_voxels``, per case)."""
     predicted = np.take(prediction, index, axis=axis) == label
     truth = np.take(reference, index, axis=axis) == label
     n_predicted, n_truth, overlap = int(predicted.sum()), int(truth.sum()), int((predicted & truth).sum())
@@ -286,7 +288,6 @@ def slice_scores(prediction: np.ndarray, reference: np.ndarray, label: int, axis
         "predicted_area": n_predicted,
         "reference_area": n_truth,
         "intersection": overlap,
-        "label_voxels": int((reference == label).sum()),
     }
 
 

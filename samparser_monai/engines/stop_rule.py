@@ -164,7 +164,8 @@ _RULE_FLAGS = {
 
 #: rule fields whose default depends on the model (:meth:`StopRule.for_model`), as their flags' help shows them
 _BY_MODEL = {
-    "max_claimed": f"{FINE_TUNED_MAX_CLAIMED:g} with a fine-tuned --checkpoint, 0 (off) for the stock model",
+    "max_claimed": f"{FINE_TUNED_MAX_CLAIMED:g} with a fine-tuned --checkpoint, {StopRule.max_claimed:g} (off) for "
+    "the stock model",
     "min_area_fraction": f"{FINE_TUNED_MIN_AREA:g} with a fine-tuned --checkpoint, {StopRule.min_area_fraction:g} for "
     "the stock model",
     "min_overlap": f"{FINE_TUNED_MIN_OVERLAP:g} with a fine-tuned --checkpoint, {StopRule.min_overlap:g} for the stock "
