@@ -35,6 +35,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from samparser_monai.engines.stop_rule import StopRule
+
 AREAS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 GROWTHS = (0.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
 IOUS = (-1.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -85,19 +87,25 @@ def objects(rows: list[dict]) -> list[tuple[dict, list[list[Step]]]]:
     return [(starts[key], walks[key]) for key in starts]
 
 
-def kept(walk: list[Step], rule: Rule) -> int:
-    """How many slices of ``walk`` the rule keeps: those before the first where it fires (as ``StopRule`` does; the
-    claimed share is the unstopped trace's, so that test is an estimate where another object's stop moves it)."""
+def stop_rule(rule: Rule) -> StopRule:
+    """The :class:`StopRule` of one grid rule (in an ``roi`` table its overlap stands for ``roi_min_overlap``)."""
     area, growth, iou, overlap, after, claimed = rule
+    return StopRule(
+        min_area_fraction=area,
+        max_area_fraction=growth,
+        min_iou=iou,
+        min_overlap=overlap,
+        overlap_after=after,
+        max_claimed=claimed,
+    )
+
+
+def kept(walk: list[Step], rule: StopRule) -> int:
+    """How many slices of ``walk`` the rule keeps: those before the first where :meth:`StopRule.stops` fires, or the
+    mask is empty, as in the engine (the claimed share is the unstopped trace's, so that test is an estimate where
+    another object's stop moves it)."""
     for distance, (pixels, fraction, predicted_iou, on_previous, on_others, *_) in enumerate(walk, start=1):
-        if (
-            pixels == 0
-            or fraction < area
-            or (growth > 0 and fraction > growth)
-            or predicted_iou < iou
-            or (distance > after and on_previous < overlap)
-            or (claimed > 0 and on_others > claimed)
-        ):
+        if pixels == 0 or rule.stops(fraction, predicted_iou, on_previous, distance, on_others):
             return distance - 1
     return len(walk)
 
@@ -105,8 +113,9 @@ def kept(walk: list[Step], rule: Rule) -> int:
 def score(walks: list[list[Step]], rule: Rule) -> tuple[float, int, int]:
     """Area-weighted error, wrongly kept slices and wrongly dropped slices of one rule over every direction."""
     cost, kept_out, dropped_in = 0.0, 0, 0
+    stop = stop_rule(rule)
     for walk in walks:
-        n = kept(walk, rule)
+        n = kept(walk, stop)
         for i, (pixels, *_, inside, _, _) in enumerate(walk):
             if i >= n and inside:
                 cost, dropped_in = cost + pixels, dropped_in + 1
@@ -121,10 +130,11 @@ def dice_score(traced: list[tuple[dict, list[list[Step]]]], rule: Rule) -> tuple
     start slice always) over their predicted pixels plus the label's reference voxels."""
     per_label: dict[str, list[float]] = {}
     kept_out = dropped_in = 0
+    stop = stop_rule(rule)
     for start, walks in traced:
         predicted, overlapping = float(start["predicted_area"]), float(start["intersection"])
         for walk in walks:
-            n = kept(walk, rule)
+            n = kept(walk, stop)
             for i, (*_, inside, pixels, common) in enumerate(walk):
                 if i >= n:
                     dropped_in += inside

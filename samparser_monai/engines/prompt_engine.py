@@ -302,26 +302,16 @@ class PromptEngine:
         in_roi: bool = False,
         claimed: float = 0.0,
     ) -> str:
-        """Why this front's mask ends its direction ("" to keep it). The user's own slices are always kept."""
+        """Why this front's mask ends its direction ("" to keep it; :meth:`StopRule.stops`). The user's own slices
+        are always kept."""
         area = int(mask.sum())
         if area == 0:
             return "empty"
         if front.direction == 0 or clicked:
             return ""
-        rule = self.rule
-        if area < rule.min_area_fraction * start_area:
-            return "area"
-        if rule.max_area_fraction and area > rule.max_area_fraction * start_area:
-            return "growth"
-        if iou < rule.min_iou:
-            return "iou"
-        min_overlap = rule.roi_min_overlap if in_roi and rule.roi_min_overlap is not None else rule.min_overlap
-        overlap_tested = front.distance > rule.overlap_after
-        if overlap_tested and front.previous is not None and int((mask & front.previous).sum()) < min_overlap * area:
-            return "overlap"
-        if rule.max_claimed and claimed > rule.max_claimed:
-            return "claimed"
-        return ""
+        overlap = 1.0 if front.previous is None else int((mask & front.previous).sum()) / area
+        fraction = area / start_area if start_area else 1.0
+        return self.rule.stops(fraction, iou, overlap, front.distance, claimed, in_roi)
 
     @staticmethod
     def _trace_row(

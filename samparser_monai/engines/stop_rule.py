@@ -94,6 +94,42 @@ class StopRule:
         trained = getattr(unwrap_model(network), "training_prompts", None) or {}
         return float(trained.get("mask_prompt_fraction", 0.0)) > 0
 
+    def stops(
+        self,
+        area_fraction: float,
+        iou: float,
+        overlap: float,
+        distance: int,
+        claimed: float = 0.0,
+        in_roi: bool = False,
+    ) -> str:
+        """Which test ends a direction at a propagated, non-empty mask ("" to keep it): ``"area"``, ``"growth"``,
+        ``"iou"``, ``"overlap"`` or ``"claimed"``, the first that fires in that order.
+
+        The one statement of the rule: the engine calls it on each propagated mask, and ``scripts/choose_stop_rule.py``
+        on the numbers of a trace.
+
+        Args:
+            area_fraction: the mask's area over the start slice's mask's.
+            iou: SAM's predicted IoU of the mask.
+            overlap: share of the mask on the previous slice's mask.
+            distance: slices from the start slice (1 next to it).
+            claimed: share of the mask on other objects' masks kept nearer their own starts.
+            in_roi: the object has an ROI (``roi_min_overlap`` then applies, when set).
+        """
+        if area_fraction < self.min_area_fraction:
+            return "area"
+        if self.max_area_fraction and area_fraction > self.max_area_fraction:
+            return "growth"
+        if iou < self.min_iou:
+            return "iou"
+        min_overlap = self.roi_min_overlap if in_roi and self.roi_min_overlap is not None else self.min_overlap
+        if distance > self.overlap_after and overlap < min_overlap:
+            return "overlap"
+        if self.max_claimed and claimed > self.max_claimed:
+            return "claimed"
+        return ""
+
     @classmethod
     def for_model(cls, fine_tuned: bool, **overrides) -> StopRule:
         """The measured defaults for a fine-tuned model or the stock one (``overrides``: fields set explicitly).

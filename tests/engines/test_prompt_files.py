@@ -386,6 +386,21 @@ def test_the_growth_rule_stops_a_mask_that_spreads_past_the_object():
     assert run.slices == [kept] and sorted(run.stops[0]) == ["growth", "volume"]
 
 
+def test_the_stop_rule_names_the_first_test_that_fires():
+    """``StopRule.stops``, the one statement of the rule (the engine's and choose_stop_rule.py's), test by test."""
+    rule = StopRule(min_area_fraction=0.2, max_area_fraction=2.0, min_iou=0.7, min_overlap=0.8, max_claimed=0.5,
+                    overlap_after=2, roi_min_overlap=0.5)  # fmt: skip
+    assert rule.stops(1.0, 0.9, 0.9, 3) == ""
+    assert rule.stops(0.1, 0.1, 0.1, 3, claimed=0.9) == "area", "the first that fires, in order"
+    assert rule.stops(2.5, 0.9, 0.9, 3) == "growth"
+    assert rule.stops(1.0, 0.6, 0.9, 3) == "iou"
+    assert rule.stops(1.0, 0.9, 0.6, 3) == "overlap"
+    assert rule.stops(1.0, 0.9, 0.6, 2) == "", "no overlap test next to the start (overlap_after)"
+    assert rule.stops(1.0, 0.9, 0.6, 3, in_roi=True) == "", "within an ROI its own overlap (0.6 >= 0.5)"
+    assert rule.stops(1.0, 0.9, 0.9, 3, claimed=0.6) == "claimed"
+    assert StopRule(max_area_fraction=0.0, max_claimed=0.0).stops(9.0, 0.9, 0.9, 1, claimed=1.0) == "", "0: off"
+
+
 def test_within_an_roi_propagation_follows_a_moving_object_past_the_key_slice_overlap_stop():
     image = torch.zeros(1, 40, 40, 8)
     for s in range(8):  # a 10 x 10 square moving 3 pixels a slice: 70% of each mask lies on the previous one

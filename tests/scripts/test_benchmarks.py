@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import importlib.util
+import io
 import re
 import subprocess
 import sys
@@ -215,7 +218,6 @@ def test_coefficient_sweep_records_dice_and_movement_and_resumes(tmp_path):
 
 
 def _load_script(name: str):
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location(name, SCRIPT.parent / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
@@ -365,9 +367,7 @@ def test_prompt_protocol_benchmark_reports_every_protocol(tmp_path):
         assert int(r["reference_area"]) <= int(r["label_voxels"]) and int(r["in_reference"]) == (
             r["reference_area"] != "0"
         )
-    chooser = SCRIPT.parent / "choose_stop_rule.py"
-    chosen = subprocess.run([sys.executable, str(chooser), str(tmp_path / "out" / "trace.csv"), "--top", "2"],
-                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    chosen = _choose(str(tmp_path / "out" / "trace.csv"), "--top", "2")
     assert chosen.returncode == 0 and "| never stop |" in chosen.stdout, chosen.stderr[-2000:]
     assert {r["distance"] for r in traced if r["direction"] == "0"} == {"0"}
     by_distance = (tmp_path / "out" / "by_distance.md").read_text()
@@ -435,6 +435,18 @@ def test_prompt_protocol_benchmark_skips_a_bad_case_leaves_no_stale_table_and_re
     assert {r["protocol"] for r in second if r["case"] == bad} == {"label", "key"}
 
 
+def _choose(*args: str) -> subprocess.CompletedProcess:
+    """choose_stop_rule.py's ``main`` run in this process (it imports the library once for every test, not once a
+    run), with its exit code and printed output as a finished subprocess would give them."""
+    spec = importlib.util.spec_from_file_location("choose_stop_rule", SCRIPT.parent / "choose_stop_rule.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = module.main(list(args))
+    return subprocess.CompletedProcess(list(args), code, out.getvalue(), err.getvalue())
+
+
 def _best_stop_rule(
     tmp_path, statistics, score: str = "area", pixels=None, claimed=None
 ) -> tuple[list[str], subprocess.CompletedProcess, list[str]]:
@@ -456,9 +468,7 @@ def _best_stop_rule(
                          + extra(direction, step) + shared(at))  # fmt: skip
     trace = tmp_path / "trace.csv"
     trace.write_text("\n".join(lines) + "\n")
-    script = SCRIPT.parent / "choose_stop_rule.py"
-    result = subprocess.run([sys.executable, str(script), str(trace), "--top", "1", "--score", score],
-                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    result = _choose(str(trace), "--top", "1", "--score", score)
     assert result.returncode == 0, result.stderr
     best = [line for line in result.stdout.splitlines() if line.startswith("| ")][1]
     return [c.strip() for c in best.strip("|").split("|")], result, lines
@@ -467,12 +477,11 @@ def _best_stop_rule(
 def test_choose_stop_rule_finds_the_rule_that_separates_the_trace(tmp_path):
     """A trace where SAM's predicted IoU drops once the object ends: the best rules keep exactly the object."""
     cells, result, lines = _best_stop_rule(tmp_path, lambda step: (0.9 if step % 10 <= 4 else 0.4, 0.9))
-    script = SCRIPT.parent / "choose_stop_rule.py"
     assert 0.4 < float(cells[2]) <= 0.9 and cells[6:] == ["0", "0.00", "0.00"], result.stdout
     assert "| never stop | | | | | | 240 | 6.00 | 0.00 |" in result.stdout
     old = tmp_path / "old.csv"
     old.write_text(lines[0].rsplit(",", 1)[0] + "\n")
-    refused = subprocess.run([sys.executable, str(script), str(old)], capture_output=True, text=True, timeout=120)
+    refused = _choose(str(old))
     assert refused.returncode == 1 and "has no in_reference column" in refused.stderr
 
 
@@ -520,19 +529,16 @@ def test_choose_stop_rule_scores_by_dice_what_the_area_score_keeps(tmp_path):
         f"{z},0,40,1.0,0.9,1.0,,1,a,click3,1,40,36,370\n" for z in (3, 12)
     )  # a click3 object started again on a second slice by a corrective click
     (tmp_path / "restarted.csv").write_text(restarted)
-    both = subprocess.run([sys.executable, str(SCRIPT.parent / "choose_stop_rule.py"), str(tmp_path / "restarted.csv")],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    both = _choose(str(tmp_path / "restarted.csv"))
     assert both.returncode == 0 and both.stdout.startswith("key: 1 objects from restarted.csv"), both.stdout
     assert "click3: 1 objects from restarted.csv: left out, some objects start on several slices" in both.stdout
     trace = tmp_path / "old.csv"
     trace.write_text((tmp_path / "trace.csv").read_text().replace(",predicted_area", ",other"))
-    refused = subprocess.run([sys.executable, str(SCRIPT.parent / "choose_stop_rule.py"), str(trace)],
-                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    refused = _choose(str(trace))
     assert refused.returncode == 1 and "has no predicted_area column" in refused.stderr, refused.stderr
 
 
 def test_runtime_table_reads_speed_ups_against_the_first_runtime(tmp_path):
-    import importlib.util
 
     spec = importlib.util.spec_from_file_location("benchmark_runtimes", SCRIPT.parent / "benchmark_runtimes.py")
     module = importlib.util.module_from_spec(spec)
