@@ -50,6 +50,8 @@ PIXEL_COLUMNS = ("predicted_area", "intersection", "label_voxels")
 
 #: one rule of the grid: (min area fraction, max area fraction, min IoU, min overlap, overlap after, max claimed)
 Rule = tuple[float, float, float, float, int, float]
+#: the :class:`StopRule` field of each place of a :data:`Rule`
+RULE_FIELDS = ("min_area_fraction", "max_area_fraction", "min_iou", "min_overlap", "overlap_after", "max_claimed")
 #: one traced slice as the scores read it: (area, area fraction, IoU, overlap, claimed, inside the reference,
 #: predicted pixels, overlapping pixels)
 Step = tuple[int, float, float, float, float, bool, float, float]
@@ -89,15 +91,7 @@ def objects(rows: list[dict]) -> list[tuple[dict, list[list[Step]]]]:
 
 def stop_rule(rule: Rule) -> StopRule:
     """The :class:`StopRule` of one grid rule (in an ``roi`` table its overlap stands for ``roi_min_overlap``)."""
-    area, growth, iou, overlap, after, claimed = rule
-    return StopRule(
-        min_area_fraction=area,
-        max_area_fraction=growth,
-        min_iou=iou,
-        min_overlap=overlap,
-        overlap_after=after,
-        max_claimed=claimed,
-    )
+    return StopRule(**dict(zip(RULE_FIELDS, rule)))
 
 
 def kept(walk: list[Step], rule: StopRule) -> int:
