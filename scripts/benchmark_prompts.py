@@ -36,7 +36,7 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ from tqdm import tqdm
 from samparser_monai.data import bundle_datalists
 from samparser_monai.engines.evaluation import case_metrics
 from samparser_monai.engines.simulated_prompts import PROTOCOLS, simulate
-from samparser_monai.engines.stop_rule import add_stop_rule_arguments, stop_rule_from_args
+from samparser_monai.engines.stop_rule import StopRule, add_stop_rule_arguments, stop_rule_from_args
 from samparser_monai.errors import root_message
 from samparser_monai.networks.artefacts import merged_model
 from samparser_monai.networks.runtime import RUNTIMES, runtime_cache_dir, use_runtime
@@ -141,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 1 if skipped else 0
 
 
-def run_case(item: dict, transform, model: torch.nn.Module, rule, args: argparse.Namespace) -> tuple[list, list]:
+def run_case(
+    item: dict, transform: Callable[[dict], dict], model: torch.nn.Module, rule: StopRule, args: argparse.Namespace
+) -> tuple[list, list]:
     """One validation case through every protocol of ``args.protocols``: its metric rows (one per protocol and label)
     and its trace rows (what the stop rule saw on every slice, with the final result's scores there)."""
     data = transform(item)
@@ -195,7 +197,7 @@ def run_case(item: dict, transform, model: torch.nn.Module, rule, args: argparse
     return rows, traces
 
 
-def run_settings(args: argparse.Namespace, rule, cases: list[str]) -> dict:
+def run_settings(args: argparse.Namespace, rule: StopRule, cases: list[str]) -> dict:
     """Everything a result depends on, as ``--resume`` compares it: the cases, protocols, model (the checkpoint's
     size and modification time too: a checkpoint trained again in place is another model), stop rule and runtime."""
     checkpoint = Path(args.checkpoint) if args.checkpoint else None
@@ -314,7 +316,7 @@ def render(rows: list[dict]) -> str:
     labels = sorted({r["label"] for r in rows})
     protocols = list(dict.fromkeys(r["protocol"] for r in rows))
 
-    def mean(values):
+    def mean(values: Sequence[float]) -> float:
         finite = [v for v in values if not math.isnan(v) and math.isfinite(v)]
         return statistics.fmean(finite) if finite else math.nan
 

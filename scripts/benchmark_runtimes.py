@@ -90,7 +90,9 @@ def time_encoder(models: dict, planes: torch.Tensor, rounds: int) -> list[dict]:
     return rows
 
 
-def time_cases(models: dict, items: list[dict], label_format: str, intensity: str, reader=None) -> list[dict]:
+def time_cases(
+    models: dict, items: list[dict], label_format: str, intensity: str, reader: DicomSeriesReader | None = None
+) -> list[dict]:
     """Seconds per 3D case with label prompts, Dice against the reference, agreement with the first runtime."""
     rows = []
     for item in tqdm(items, desc="cases", unit="case"):

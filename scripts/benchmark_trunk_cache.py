@@ -60,7 +60,9 @@ def _timed(fn, repeats: int, device: str) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def breakdown(model: SamParser, images, masks, boxes, device: str, repeats: int = 3) -> str:
+def breakdown(
+    model: SamParser, images: torch.Tensor, masks: torch.Tensor, boxes: torch.Tensor, device: str, repeats: int = 3
+) -> str:
     """Where one training step of the paper preset goes, part by part, the operator calls of a cached step, and the
     host work around it (``train()``, a MetaTensor batch against a plain one).
 

@@ -188,6 +188,8 @@ def expected_shapes(name: str) -> dict[str, tuple[int, ...]]:
 
 
 def shape_mismatches(state: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]]) -> list[str]:
+    """What keeps ``state`` from loading into a model of the ``expected`` key shapes, one ``"key (why)"`` each: keys
+    missing, of another shape, or unexpected (an empty list: it loads)."""
     problems = []
     for key, shape in expected.items():
         if key not in state:
