@@ -227,9 +227,46 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_seeds(rows: list[dict]) -> str:
+    """Markdown table over seeds: one row per configuration run with two seeds or more (its mean Dice over labels,
+    mean and SD over seeds), with ``decoder_only`` at the same steps, training prompts and seeds beside it where the
+    sweep has it (the mean and SD of the per-seed differences, and on how many seeds the configuration is ahead).
+    Empty when no configuration has two seeds."""
+    per_seed: dict[tuple, dict[int, float]] = {}
+    for row in rows:
+        key = run_key(row)
+        per_seed.setdefault(key[:4] + key[5:], {})[int(row["seed"])] = float(row["mean_dice"])
+    lines = []
+    for (method, parametrization, lr, steps, clicks, masks), dice in per_seed.items():
+        if len(dice) < 2 or method == "decoder_only":
+            continue
+        seeds = sorted(dice)
+        values = [dice[s] for s in seeds]
+        reference = per_seed.get(("decoder_only", "", 0.0, steps, clicks, masks), {})
+        cells = ["-", "-", "-"]
+        if all(s in reference for s in seeds):
+            gains = [100 * (dice[s] - reference[s]) for s in seeds]
+            cells = [f"{statistics.fmean(reference[s] for s in seeds):.4f} "
+                     f"({statistics.stdev(reference[s] for s in seeds):.4f})",
+                     f"{statistics.fmean(gains):+.2f} ({statistics.stdev(gains):.2f})",
+                     f"{sum(g > 0 for g in gains)} of {len(gains)}"]  # fmt: skip
+        prompts = prompts_label({"click_fraction": clicks, "mask_fraction": masks})
+        lines.append(f"| {method} | {parametrization or '-'} | {f'{lr:g}' if parametrization else '-'} | {steps} | "
+                     f"{prompts} | {' '.join(map(str, seeds))} | {statistics.fmean(values):.4f} "
+                     f"({statistics.stdev(values):.4f}) | " + " | ".join(cells) + " |")  # fmt: skip
+    if not lines:
+        return ""
+    head = ("| method | parametrization | coefficient lr | steps | training prompts | seeds "
+            "| mean Dice (SD over seeds) | decoder_only, same seeds | difference, points (SD) | seeds ahead |\n"
+            "|---|---|---:|---:|---|---|---:|---:|---:|---:|\n")  # fmt: skip
+    return head + "\n".join(lines) + "\n"
+
+
 def write_table(rows: list[dict], out: Path) -> None:
-    """``sweep.md`` and ``sweep.png`` in ``out`` from the rows of ``sweep.csv``."""
-    (out / "sweep.md").write_text(render(rows))
+    """``sweep.md`` (every run, then the runs over seeds where there are some) and ``sweep.png`` in ``out`` from the
+    rows of ``sweep.csv``."""
+    seeds = render_seeds(rows)
+    (out / "sweep.md").write_text(render(rows) + (f"\nOver seeds:\n\n{seeds}" if seeds else ""))
     plot(rows, out / "sweep.png")
 
 
@@ -342,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = read_rows(csv_path)
         if rows:
             write_table(rows, out)
-            print(render(rows))
+            print(render(rows) + (f"\nOver seeds:\n\n{render_seeds(rows)}" if render_seeds(rows) else ""))
         if failed:
             raise RuntimeError(
                 f"{len(failed)} of {len(runs)} runs failed (the table holds the others; rerun with --resume): "

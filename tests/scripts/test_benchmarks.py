@@ -245,6 +245,28 @@ def test_sweep_reads_an_older_csv_as_trained_on_boxes_and_upgrades_it(tmp_path):
     assert sweep.prompts_label({"click_fraction": "0.5", "mask_fraction": "0.5"}) == "clicks 0.5, masks 0.5"
 
 
+def test_sweep_summarises_runs_over_seeds_against_decoder_only_at_the_same_seeds():
+    """A configuration with several seeds gets one row: its mean Dice over seeds (SD), ``decoder_only`` at the same
+    seeds, budget and training prompts, and the per-seed differences; one seed alone, or a reference missing a seed,
+    gives no difference (never one measured against other seeds)."""
+    sweep = _load_script("sweep_coefficients")
+
+    def run(method: str, parametrization: str, lr: float, seed: int, mean: float, steps: int = 80) -> dict:
+        return {"method": method, "parametrization": parametrization, "coefficient_lr": str(lr), "steps": str(steps),
+                "seed": str(seed), "click_fraction": "0", "mask_fraction": "0", "mean_dice": str(mean)}  # fmt: skip
+
+    rows = [run("decoder_only", "", 0, s, m) for s, m in ((0, 0.86), (1, 0.87), (2, 0.85))]
+    rows += [run("parser_paper", "additive", 0.1, s, m) for s, m in ((0, 0.87), (1, 0.87), (2, 0.86))]
+    rows += [run("parser_paper", "relative", 0.1, 0, 0.9)]  # one seed: no row
+    rows += [run("parser_paper", "relative", 0.1, s, 0.88, steps=400) for s in (1, 2)]  # no decoder_only at 400
+    table = sweep.render_seeds(rows).splitlines()
+    assert len(table) == 4, table
+    assert table[2] == ("| parser_paper | additive | 0.1 | 80 | boxes | 0 1 2 | 0.8667 (0.0058) | 0.8600 (0.0100) | "
+                        "+0.67 (0.58) | 2 of 3 |")  # fmt: skip
+    assert table[3] == "| parser_paper | relative | 0.1 | 400 | boxes | 1 2 | 0.8800 (0.0000) | - | - | - |"
+    assert sweep.render_seeds(rows[:4]) == "", "no configuration with two seeds: no table"
+
+
 def test_sweep_goes_on_past_a_failed_run_and_keeps_its_table_current(tmp_path, monkeypatch, capsys):
     """A run that fails (a training error, a full disk) is one sentence; the runs after it still run, ``sweep.md``
     is rewritten after every run (never stale, even when the sweep is stopped), and the exit says it failed."""
