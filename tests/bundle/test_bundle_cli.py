@@ -59,6 +59,8 @@ def test_verify_net_in_out_with_a_box():
     [
         ("methods/parser_paper.json", {"coefficients": "paper", "trainable": "parser"}),
         ("methods/parser_encoder.json", {"coefficients": "encoder", "trainable": "parser"}),
+        ("methods/coefficients_paper.json", {"coefficients": "paper", "trainable": "coefficients"}),
+        ("methods/coefficients_encoder.json", {"coefficients": "encoder", "trainable": "coefficients"}),
         ("methods/decoder_only.json", {"coefficients": None, "trainable": "decoder"}),
         ("methods/full.json", {"coefficients": None, "trainable": "full"}),
         ("methods/parser_official.json", {"coefficients": "paper", "trainable": "parser"}),
