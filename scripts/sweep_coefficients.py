@@ -362,6 +362,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for run in tqdm(runs, desc="sweep", unit="run"):
                 label = (f"{run['method']} {run['parametrization']} lr {run['coefficient_lr']:g} {run['steps']} steps, "
                          f"seed {run['seed']}, trained on {prompts_label(run)}")  # fmt: skip
+                evicted = sum(cache.evictions for cache in caches.values())
                 try:
                     rows = one_run(run, args, caches)
                 except (ValueError, FileNotFoundError, OSError, RuntimeError) as err:  # the sweep goes on
@@ -376,6 +377,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                     writer.writerows(rows)
                 write_table(read_rows(csv_path), out)  # never stale, even if the sweep is stopped here
                 tqdm.write(f"{label}: mean Dice {rows[0]['mean_dice']:.4f}, moved median {rows[0]['moved_median']}")
+                if evicted := sum(cache.evictions for cache in caches.values()) - evicted:
+                    tqdm.write(f"The trunk cache was full: {evicted} features were dropped during this run and are "
+                               f"computed again when needed; raise --cache-gb (now {args.cache_gb:g}) to keep a run's "
+                               "training and validation slices together.")  # fmt: skip
         rows = read_rows(csv_path)
         if rows:
             write_table(rows, out)

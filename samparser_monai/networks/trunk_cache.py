@@ -36,6 +36,9 @@ def trunk_fingerprint(image_encoder: torch.nn.Module) -> str:
 class TrunkFeatureCache:
     """Least-recently-used cache of trunk features keyed by the input image's bytes.
 
+    ``hits``, ``misses`` and ``evictions`` count the features reused, computed and dropped to keep to the budget (a
+    cache that evicts while a pass repeats over more images than it holds reuses nothing: raise the budget).
+
     Args:
         max_bytes: memory budget of the stored features; the least recently used go first.
         device: where features are kept (default CPU memory; ``None`` keeps them where they were computed).
@@ -48,7 +51,7 @@ class TrunkFeatureCache:
     ) -> None:
         self.max_bytes, self.device, self.hash_in_place = int(max_bytes), device, hash_in_place
         self.store: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self.bytes = self.hits = self.misses = 0
+        self.bytes = self.hits = self.misses = self.evictions = 0
         self._weights: tuple[tuple[int, str], torch.Tensor] | None = None
 
     def key(self, image: torch.Tensor) -> str:
@@ -116,6 +119,7 @@ class TrunkFeatureCache:
         while self.bytes > self.max_bytes and len(self.store) > 1:
             _, evicted = self.store.popitem(last=False)
             self.bytes -= evicted.numel() * evicted.element_size()
+            self.evictions += 1
 
     def clear(self) -> None:
         """Forget every stored feature (e.g. after changing the trunk's weights)."""

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from samparser_monai.networks.trunk_cache import TrunkFeatureCache
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "benchmark_layers.py"
 
@@ -298,6 +301,34 @@ def test_sweep_goes_on_past_a_failed_run_and_keeps_its_table_current(tmp_path, m
     table = (tmp_path / "out" / "sweep.md").read_text()
     assert "| 0.01 |" in table and "| 0.1 |" in table and "| 0.03 |" not in table
     assert len((tmp_path / "out" / "sweep.csv").read_text().splitlines()) == 1 + 2 * 2
+
+
+def test_sweep_says_when_the_trunk_cache_was_too_small_for_a_run(tmp_path, monkeypatch, capsys):
+    """A shared trunk cache that drops features during a run (its budget holds less than the run's slices, so a
+    repeated pass reuses nothing and the sweep runs far slower) is said after that run, with the flag that fixes it;
+    a run that dropped nothing says nothing."""
+    sweep = _load_script("sweep_coefficients")
+
+    def fake_run(run, args, caches):
+        cache = caches.setdefault("trunk", TrunkFeatureCache(max_bytes=2 * 4 * 8))  # two features of 8 floats
+        if run["coefficient_lr"] == 0.1:
+            for i in range(5):  # five slices through a cache that holds two
+                cache(torch.full((1, 4), float(i)), lambda x: x.new_zeros(len(x), 8))
+        extra = {"cases": 1, "dice_sd": 0.0, "hd95": 1.0, "moved_median": 0.1, "moved_max": 0.2, "train_s": 1.0}
+        return [{**run, **extra, "label": 1, "label_name": "Anterior", "dice": 0.8, "mean_dice": 0.8, "eval_s": 1.0}]
+
+    monkeypatch.setattr(sweep, "one_run", fake_run)
+    monkeypatch.setattr(sweep, "retain_freed_host_memory", lambda on: None)
+    argv = ["--methods", "parser_paper", "--parametrizations", "relative", "--learning-rates", "0.01", "0.1"]
+    argv += ["--references", "--dataset-dir", str(tmp_path), "--output-dir", str(tmp_path / "out"), "--cache-gb", "1"]
+    assert sweep.main(argv) == 0
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("The trunk cache was full")]
+    assert warnings == [
+        "The trunk cache was full: 3 features were dropped during this run and are computed again when needed; raise "
+        "--cache-gb (now 1) to keep a run's training and validation slices together."
+    ]
+    assert out.index("lr 0.1 80 steps") < out.index("The trunk cache was full"), "said after the run that dropped"
 
 
 def test_method_benchmark_goes_on_past_a_failed_method_and_keeps_its_table_current(tmp_path, monkeypatch, capsys):
