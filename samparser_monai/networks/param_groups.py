@@ -26,7 +26,7 @@ __all__ = [
 #: The defaults of ``bundle/configs/train.json`` (``coefficient_learning_rate``, ``coefficient_parametrization``),
 #: chosen by validation Dice on the dev split (``scripts/sweep_coefficients.py``; docs/benchmarks.md).
 DEFAULT_COEFFICIENT_LEARNING_RATE = 1e-1
-DEFAULT_COEFFICIENT_PARAMETRIZATION = "relative"
+DEFAULT_COEFFICIENT_PARAMETRIZATION = "additive"
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -92,16 +92,19 @@ def test_the_served_model_reloads_when_the_checkpoint_changes(tmp_path):
     assert served.current()[0] is not first, "a new modification time means a new model"
 
 
-def test_training_from_a_served_checkpoint_keeps_its_parametrization(tmp_path):
-    """An additive checkpoint holding a value that the default relative parametrization cannot represent (a
-    non-positive singular value) trains on as additive, with the coefficients in their own optimizer group."""
+@pytest.mark.parametrize("parametrization", ["additive", "relative"])
+def test_training_from_a_served_checkpoint_keeps_its_parametrization(tmp_path, parametrization: str):
+    """A served checkpoint trains on in the parametrization it was trained with, whatever the bundle's default, with
+    the coefficients in their own optimizer group: an additive one even where it holds a value the relative form
+    cannot represent (a non-positive singular value)."""
     from samparser_monai.data import make_demo_dataset
     from samparser_monai.data.datalists import msd_datalist
 
     data = make_demo_dataset(tmp_path / "Task00_Demo", n_cases=3, shape=(32, 36, 10), seed=1)
-    model = SamParser("tiny", coefficient_parametrization="additive")
-    with torch.no_grad():
-        next(iter(model.image_encoder.neck.modules()))[0].coefficients[-1] = -0.5
+    model = SamParser("tiny", coefficient_parametrization=parametrization)
+    if parametrization == "additive":
+        with torch.no_grad():
+            next(iter(model.image_encoder.neck.modules()))[0].coefficients[-1] = -0.5
     served = tmp_path / "served.pt"
     torch.save(coefficient_state(model), served)
     items = [{"image": i["image"], "label": i["label"]} for i in msd_datalist(data)]
@@ -109,6 +112,6 @@ def test_training_from_a_served_checkpoint_keeps_its_parametrization(tmp_path):
     result = fine_tune(items, TINY, tmp_path / "run", options=options, start_from=served)
     state = torch.load(result["checkpoint"], weights_only=True)
     state = state.get("model", state)
-    assert state["coefficient_parametrization"] == "additive"
+    assert state["coefficient_parametrization"] == parametrization
     assert state["coefficient_movement"]["neck"]["median"] > 0.005, "0.01 a step moves the coefficients"
     assert result["options"]["coefficient_learning_rate"] == 0.01
