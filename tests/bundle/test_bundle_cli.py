@@ -194,3 +194,21 @@ def test_tracking_mlflow(tmp_path, small_dataset):
     assert result.returncode == 0, result.stderr[-3000:]
     tracked = tmp_path / "bundle" / "eval"
     assert (tracked / "mlruns.db").is_file(), sorted(p.name for p in tracked.iterdir())
+
+
+def test_the_split_follows_split_seed_and_not_the_training_seed(small_dataset):
+    """``seed`` (training draws) leaves the validation cases alone, so runs of several seeds are scored on the same
+    cases and no seed trains on another seed's validation cases; ``split_seed`` chooses the split."""
+    from monai.bundle import ConfigParser
+
+    def split(**ids) -> tuple[list[str], list[str]]:
+        parser = ConfigParser()
+        parser.read_config(str(CONFIGS / "train.json"))
+        parser.update({"dataset_dir": str(small_dataset), "val_fraction": 0.4, **ids})
+        train, val = parser.get_parsed_content("datalists")
+        return sorted(str(i["image"]) for i in train), sorted(str(i["image"]) for i in val)
+
+    base = split()
+    assert base[1] and not set(base[0]) & set(base[1])
+    assert all(split(seed=s) == base for s in (1, 2, 3)), "the training seed leaves the split alone"
+    assert any(split(split_seed=s) != base for s in range(1, 10)), "split_seed chooses the split"
