@@ -262,11 +262,15 @@ def render_seeds(rows: list[dict]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-def write_table(rows: list[dict], out: Path) -> None:
-    """``sweep.md`` (every run, then the runs over seeds where there are some) and ``sweep.png`` in ``out`` from the
-    rows of ``sweep.csv``."""
+def markdown(rows: list[dict]) -> str:
+    """``sweep.md``'s text: every run, then the runs over seeds where there are some."""
     seeds = render_seeds(rows)
-    (out / "sweep.md").write_text(render(rows) + (f"\nOver seeds:\n\n{seeds}" if seeds else ""))
+    return render(rows) + (f"\nOver seeds:\n\n{seeds}" if seeds else "")
+
+
+def write_table(rows: list[dict], out: Path) -> None:
+    """``sweep.md`` (:func:`markdown`) and ``sweep.png`` in ``out`` from the rows of ``sweep.csv``."""
+    (out / "sweep.md").write_text(markdown(rows))
     plot(rows, out / "sweep.png")
 
 
@@ -384,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows = read_rows(csv_path)
         if rows:
             write_table(rows, out)
-            print(render(rows) + (f"\nOver seeds:\n\n{render_seeds(rows)}" if render_seeds(rows) else ""))
+            print(markdown(rows))
         if failed:
             raise RuntimeError(
                 f"{len(failed)} of {len(runs)} runs failed (the table holds the others; rerun with --resume): "
