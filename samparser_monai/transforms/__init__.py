@@ -20,7 +20,7 @@ from samparser_monai.transforms.intensity import (
     IntensityPresetd,
     PercentileNormalized,
 )
-from samparser_monai.transforms.mask_prompts import NO_MASK, MaskPromptd, morph_mask
+from samparser_monai.transforms.mask_prompts import NO_MASK, MaskPromptd, morph_mask, shift_mask
 from samparser_monai.transforms.pipelines import (
     BOX_PROTOCOLS,
     image_2d_transforms,
@@ -64,6 +64,7 @@ __all__ = [
     "resize_longest_pad",
     "resized_size",
     "scale_box",
+    "shift_mask",
     "slice_transforms",
     "undo_resize_longest_pad",
     "volume_transforms",

@@ -20,7 +20,7 @@ from monai.transforms import MapTransform, Randomizable
 
 from samparser_monai.transforms.box_prompts import grow_box, mask_to_box
 
-__all__ = ["NO_MASK", "MaskPromptd", "morph_mask"]
+__all__ = ["NO_MASK", "MaskPromptd", "morph_mask", "shift_mask"]
 
 #: the value that fills a mask prompt meaning "no mask"
 NO_MASK = -1.0
@@ -50,6 +50,10 @@ class MaskPromptd(Randomizable, MapTransform):
         perturb: the neighbour's mask is grown or shrunk by up to this many pixels (drawn per sample) before it
             becomes the prompt: at inference the previous mask is the model's own, a boundary pixel or two off, and
             a decoder that sees exact neighbours learns to copy the prompt instead of reading the image.
+        shift: the neighbour's mask is then moved by up to this many pixels along each in-plane axis (drawn per
+            sample; 0: not moved, and nothing more is drawn, so a run without it draws what it drew before): a
+            propagated mask that has drifted off a curved structure keeps its size, and a decoder that has seen
+            displaced prompts learns to put the mask back where the image shows the object.
     """
 
     def __init__(
@@ -61,20 +65,28 @@ class MaskPromptd(Randomizable, MapTransform):
         margin: float = 0.0,
         pad: float = -1.0,
         perturb: int = 2,
+        shift: int = 0,
     ) -> None:
         super().__init__(keys)
         if not 0.0 <= probability <= 1.0:
             raise ValueError(f"probability must be in [0, 1], got {probability}.")
         if perturb < 0:
             raise ValueError(f"perturb must be >= 0 pixels, got {perturb}.")
+        if shift < 0:
+            raise ValueError(f"shift must be >= 0 pixels, got {shift}.")
+        self.shift = int(shift)
         self.box_key, self.mask_key = box_key, mask_key
         self.probability, self.margin, self.pad, self.perturb = float(probability), float(margin), float(pad), perturb
 
-    def randomize(self, data: Any = None) -> tuple[bool, int, int]:
-        """Draw whether the sample is prompted with a mask, which neighbour is tried first, and the perturbation
-        (pixels: positive grows the mask, negative shrinks it)."""
+    def randomize(self, data: Any = None) -> tuple[bool, int, int, tuple[int, int]]:
+        """Draw whether the sample is prompted with a mask, which neighbour is tried first, the perturbation
+        (pixels: positive grows the mask, negative shrinks it) and the shift (rows, columns)."""
         prompted, side = bool(self.R.random_sample() < self.probability), int(self.R.randint(2))
-        return prompted, side, int(self.R.randint(-self.perturb, self.perturb + 1))
+        change = int(self.R.randint(-self.perturb, self.perturb + 1))
+        if not self.shift:
+            return prompted, side, change, (0, 0)
+        rows, cols = self.R.randint(-self.shift, self.shift + 1, size=2)
+        return prompted, side, change, (int(rows), int(cols))
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -85,11 +97,11 @@ class MaskPromptd(Randomizable, MapTransform):
         if boxes.shape[0] > 1:
             raise ValueError(f"MaskPromptd takes one box per sample (BoxPromptd per='mask'), got {boxes.shape[0]}.")
         prompt = torch.full((max(boxes.shape[0], 1), *label.shape[-2:]), NO_MASK)
-        prompted, side, change = self.randomize()
+        prompted, side, change, offset = self.randomize()
         if prompted and neighbours is not None and boxes.shape[0] == 1:
             sides = [k for k in (side, 1 - side) if bool(neighbours[k].any())]
             if sides:
-                mask = morph_mask(torch.as_tensor(neighbours[sides[0]]) > 0, change)
+                mask = shift_mask(morph_mask(torch.as_tensor(neighbours[sides[0]]) > 0, change), *offset)
                 boxes[0] = grow_box(mask_to_box(mask), mask.shape, self.margin, self.pad)
                 prompt[0] = mask.float()
         d[self.box_key], d[self.mask_key] = boxes, prompt
@@ -108,4 +120,18 @@ def morph_mask(mask: torch.Tensor, pixels: int) -> torch.Tensor:
         F.max_pool2d(x, size, stride=1, padding=abs(pixels)) if pixels > 0 else -F.max_pool2d(-x, size, 1, abs(pixels))
     )
     out = out[0, 0] > 0.5
+    return out if bool(out.any()) else mask
+
+
+def shift_mask(mask: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """``mask`` (``H x W`` bool) moved by ``rows`` down and ``cols`` right, what leaves the slice dropped (no wrap);
+    a shift that would empty it leaves it as it is."""
+    if not rows and not cols:
+        return mask
+    out = torch.zeros_like(mask)
+    height, width = mask.shape[-2:]
+    if abs(rows) < height and abs(cols) < width:
+        src_r, dst_r = slice(max(-rows, 0), height - max(rows, 0)), slice(max(rows, 0), height - max(-rows, 0))
+        src_c, dst_c = slice(max(-cols, 0), width - max(cols, 0)), slice(max(cols, 0), width - max(-cols, 0))
+        out[..., dst_r, dst_c] = mask[..., src_r, src_c]
     return out if bool(out.any()) else mask

@@ -68,6 +68,7 @@ def slice_transforms(
     box_protocol: str = "tight",
     click_fraction: float = 0.0,
     mask_fraction: float = 0.0,
+    mask_shift: int = 0,
 ) -> Compose:
     """Box prompt from the 2D target (with jitter) and SAM's resize-longest-side + pad to ``spatial_size``.
 
@@ -82,7 +83,8 @@ def slice_transforms(
 
     ``mask_fraction`` > 0 prompts that share of the samples as propagation prompts a slice: a neighbouring slice's
     mask with its box shrunk a pixel a side (:class:`~samparser_monai.transforms.MaskPromptd`); every sample then
-    carries ``mask_prompt``. Needs ``context=True`` too.
+    carries ``mask_prompt``. Needs ``context=True`` too. ``mask_shift`` > 0 also moves each mask prompt by up to that
+    many pixels along each in-plane axis (``MaskPromptd``'s ``shift``).
 
     ``track_meta=False`` (training) ends with plain tensors: no metadata to collate, and the loss and metrics then
     run without MetaTensor's per-operation bookkeeping; keep the default where the resize must be inverted.
@@ -91,7 +93,7 @@ def slice_transforms(
         [
             BoxPromptd(keys="label", jitter=jitter, jitter_mode=jitter_mode, per="mask", empty_box=empty_box),
             *_user_boxes(box_protocol, keep_context=mask_fraction > 0),
-            *([MaskPromptd(keys="label", probability=mask_fraction)] if mask_fraction > 0 else []),
+            *([MaskPromptd(keys="label", probability=mask_fraction, shift=mask_shift)] if mask_fraction > 0 else []),
             ResizeLongestPadd(
                 keys=["image", "label"] + (["mask_prompt"] if mask_fraction > 0 else []),
                 spatial_size=spatial_size,

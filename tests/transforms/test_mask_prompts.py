@@ -13,6 +13,7 @@ from samparser_monai.transforms import (
     UserBoxPromptd,
     grow_box,
     image_2d_transforms,
+    shift_mask,
     slice_transforms,
 )
 
@@ -58,6 +59,36 @@ def test_the_prompt_is_the_neighbour_grown_or_shrunk_by_up_to_perturb_pixels():
         MaskPromptd(perturb=-1)
 
 
+def test_shift_moves_the_prompt_and_its_box_by_up_to_shift_pixels():
+    transform = MaskPromptd(probability=1.0, perturb=0, shift=2)
+    transform.set_random_state(0)
+    neighbour = _sample()["neighbours"][1] > 0
+    offsets = set()
+    for _ in range(60):
+        out = transform(_sample())
+        mask = out["mask_prompt"][0] > 0
+        rows, cols = torch.nonzero(mask.any(dim=1))[:, 0], torch.nonzero(mask.any(dim=0))[:, 0]
+        offset = (int(rows[0]) - 4, int(cols[0]) - 3)  # the object spans rows 4..11, columns 3..14
+        assert torch.equal(mask, shift_mask(neighbour, *offset)) and int(mask.sum()) == int(neighbour.sum())
+        assert out["box"][0].tolist() == [cols[0] + 1.0, rows[0] + 1.0, cols[-1] - 1.0, rows[-1] - 1.0], "its box"
+        offsets.add(offset)
+    assert {r for r, _ in offsets} == {c for _, c in offsets} == {-2, -1, 0, 1, 2}, "every shift on both axes"
+    unshifted = MaskPromptd(probability=1.0, perturb=0)
+    assert torch.equal(unshifted(_sample())["mask_prompt"][0] > 0, neighbour), "shift 0 (the default): in place"
+    with pytest.raises(ValueError, match="shift must be"):
+        MaskPromptd(shift=-1)
+
+
+def test_shift_mask_drops_what_leaves_the_slice_and_never_empties_a_mask():
+    mask = torch.zeros(6, 7, dtype=torch.bool)
+    mask[1:3, 2:4] = True
+    moved = shift_mask(mask, 1, -2)
+    assert torch.nonzero(moved).tolist() == [[2, 0], [2, 1], [3, 0], [3, 1]]
+    edge = shift_mask(mask, 0, -3)
+    assert torch.nonzero(edge).tolist() == [[1, 0], [2, 0]], "no wrap: the columns pushed past the edge are gone"
+    assert torch.equal(shift_mask(mask, 10, 0), mask) and torch.equal(shift_mask(mask, 0, 0), mask)
+
+
 def test_no_mask_when_not_drawn_or_nothing_beside_or_background():
     for sample, transform in (
         (_sample(), MaskPromptd(probability=0.0)),
@@ -83,6 +114,9 @@ def test_share_of_prompted_samples_and_batching():
 
 def test_slice_transforms_resize_the_mask_prompt_with_the_image():
     chain = slice_transforms(48, jitter=0.0, track_meta=False, mask_fraction=1.0)
+    shifts = [t.shift for t in slice_transforms(48, mask_fraction=0.5, mask_shift=2).transforms
+              if isinstance(t, MaskPromptd)]  # fmt: skip
+    assert shifts == [2], "the bundle's train_mask_prompt_shift reaches the transform"
     sample = _sample()
     sample["image"] = torch.rand(1, 20, 24)
     out = chain(sample)
