@@ -52,8 +52,9 @@ class MaskPromptd(Randomizable, MapTransform):
             a decoder that sees exact neighbours learns to copy the prompt instead of reading the image.
         shift: the neighbour's mask is then moved by up to this many pixels along each in-plane axis (drawn per
             sample; 0: not moved, and nothing more is drawn, so a run without it draws what it drew before): a
-            propagated mask that has drifted off a curved structure keeps its size, and a decoder that has seen
-            displaced prompts learns to put the mask back where the image shows the object.
+            propagated mask that has drifted off a curved structure keeps its size, and the shift was meant to teach
+            the decoder to put it back where the image shows the object. At 1 pixel it did worse on the posterior
+            hippocampus (docs/benchmarks.md, "Shifted mask prompts"), so the bundle keeps 0.
     """
 
     def __init__(
