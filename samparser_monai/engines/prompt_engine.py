@@ -5,16 +5,18 @@ Each object starts on one slice from the user's prompt and is carried slice by s
 slice prompted with the box of the previous slice's mask grown by a margin (the CVPR 2024 "MedSAM on laptop" 3D
 protocol). A direction stops by the :class:`StopRule` (mask area against the start slice's, SAM's predicted IoU,
 overlap with the previous mask, distance), and never leaves an ROI's z-range or in-plane extent. Slices that hold an
-object's own clicks are prompted with the propagated box plus those clicks and always kept, so later clicks refine
-their slice and the propagation continues from the corrected mask. A positive click on a slice that no propagation
-reached (past where the object's masks stopped) starts the object again there, from its clicks, once propagation has
-stopped everywhere; that start propagates both ways until it meets the object's other masks.
+object's own clicks are prompted with the propagated box plus those clicks. A slice with a positive click is always
+kept, so later clicks refine their slice and the propagation continues from the corrected mask; a slice with negative
+clicks only (a leak the user removed) still faces the stop rule, so the direction can end there. A positive click on
+a slice that no propagation reached (past where the object's masks stopped) starts the object again there, from its
+clicks, once propagation has stopped everywhere; that start propagates both ways until it meets the object's other
+masks.
 
 Several objects in one volume share every encoded slice (each slice goes through the encoder once per call).
 Where two objects claim a voxel, the higher logit wins (an exact tie: the lower label id), whatever the order of the
-objects, except on a slice where
-an object was prompted by the user (its start slice or a clicked slice): there the user's object keeps every voxel
-it claims, so propagating one label never erases another label's key slice.
+objects, except on a slice where an object was prompted by the user (its start slice or a slice with its positive
+click): there the user's object keeps every voxel it claims, so propagating one label never erases another label's
+key slice.
 
     engine = PromptEngine(model, axis=2)
     result = engine.segment(image, [ObjectPrompt(label=1, slice=17, box=torch.tensor([20., 30., 41., 52.]))])
@@ -84,6 +86,11 @@ class ObjectPrompt:
         points = torch.as_tensor(self.points, dtype=torch.float32).reshape(-1, 3)
         labels = torch.ones(len(points)) if self.point_labels is None else torch.as_tensor(self.point_labels).float()
         return points, labels.reshape(-1)
+
+    def positive_click_on(self, index: int) -> bool:
+        """Whether slice ``index`` holds a positive click of this object (the user says the object is there)."""
+        clicks = self.clicks_on(index)
+        return clicks is not None and bool((clicks[1] > 0).any())
 
     def clicks_on(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(P x 2 (x, y), P labels)`` of the clicks on slice ``index``, or ``None``."""
@@ -183,7 +190,7 @@ class PromptEngine:
             for front, (slice_logits, iou) in zip(fronts, self._decode(model, image, objects, fronts, embeddings)):
                 obj = objects[front.index]
                 mask = slice_logits > 0
-                clicked = obj.clicks_on(front.slice) is not None
+                clicked = obj.positive_click_on(front.slice)  # negative clicks alone do not exempt a slice
                 in_roi = obj.z_range is not None
                 claimed = self._claimed(front, mask, logits, kept_earlier)
                 reason = self._stop_reason(front, mask, float(iou), front.start_area, clicked, in_roi, claimed)
@@ -302,8 +309,8 @@ class PromptEngine:
         in_roi: bool = False,
         claimed: float = 0.0,
     ) -> str:
-        """Why this front's mask ends its direction ("" to keep it; :meth:`StopRule.stops`). The user's own slices
-        are always kept."""
+        """Why this front's mask ends its direction ("" to keep it; :meth:`StopRule.stops`). The start slice and
+        slices with the object's positive click are always kept (unless empty)."""
         area = int(mask.sum())
         if area == 0:
             return "empty"

@@ -275,6 +275,45 @@ def test_a_click_past_where_propagation_stopped_starts_the_object_again_there():
     assert run.slices == [list(range(2, 8))] and "click-roi" in run.stops[0], "a click outside the ROI is reported"
 
 
+class EraseAroundNegativeClicks(BrightInsideBox):
+    """Like SAM, a negative click removes only the part of the mask around it (within 4 px), not the whole slice."""
+
+    def decode_prompts(self, embeddings, image_size, box=None, points=None, point_labels=None, multimask=False):
+        if points is None:  # boxes alone
+            return super().decode_prompts(embeddings, image_size, box)
+        positive = point_labels[0] > 0
+        logits, iou = super().decode_prompts(
+            embeddings, image_size, box, points[:, positive], point_labels[:, positive]
+        )
+        yy, xx = torch.meshgrid(torch.arange(image_size[0]), torch.arange(image_size[1]), indexing="ij")
+        for (x, y), label in zip(points[0].tolist(), point_labels[0].tolist()):
+            if label == 0:
+                logits[0][(xx - x) ** 2 + (yy - y) ** 2 <= 16] = -1.0
+        return logits, iou
+
+
+def test_a_slice_with_negative_clicks_only_can_end_propagation_and_one_with_a_positive_click_is_kept():
+    image = torch.zeros(1, 30, 30, 15)
+    image[0, 5:15, 5:15, 2:13] = 1.0  # the object on slices 2..6, the same tissue leaking on to slice 12
+    rule = StopRule(min_area_fraction=0.7, margin=1.0)
+    start = [[10.0, 10.0, 4.0]]
+    leak = ObjectPrompt(1, 4, points=torch.tensor(start))
+    assert PromptEngine(EraseAroundNegativeClicks(), rule=rule).segment(image, [leak]).slices == [list(range(2, 13))]
+    # a negative click in the leak on slice 8 leaves 51 of 100 pixels there: under the area stop, so slices 8-12 go
+    negative = ObjectPrompt(
+        1, 4, points=torch.tensor(start + [[10.0, 10.0, 8.0]]), point_labels=torch.tensor([1.0, 0.0])
+    )
+    run = PromptEngine(EraseAroundNegativeClicks(), rule=rule).segment(image, [negative])
+    assert run.slices == [list(range(2, 8))] and sorted(run.stops[0]) == ["area", "empty"]
+    assert not run.labels[..., 8:].any()
+    # the same small mask under a positive click is the user's answer for that slice: kept, and propagation goes on
+    both = ObjectPrompt(
+        1, 4, points=torch.tensor(start + [[10.0, 10.0, 8.0], [6.0, 6.0, 8.0]]), point_labels=torch.tensor([1.0, 0, 1])
+    )
+    run = PromptEngine(EraseAroundNegativeClicks(), rule=rule).segment(image, [both])
+    assert 8 in run.slices[0] and int(run.labels[..., 8].sum()) == 100 - 49
+
+
 @pytest.mark.parametrize("fine_tuned", [False, True])
 def test_a_single_click_decodes_the_output_its_model_was_trained_for(fine_tuned):
     """The stock SAM answers one click with its most confident ambiguity mask; a fine-tuned model with the
