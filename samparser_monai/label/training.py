@@ -35,7 +35,7 @@ TRAIN_OPTIONS: dict[str, Any] = {
     "seed": 0,
     # training prompts, as the bundle's train.json: clicks make a model that answers clicks (served the clicks
     # themselves), mask prompts one that is given the previous slice's mask as it propagates
-    "train_click_fraction": 0.0,
+    "train_click_fraction": 0.25,
     "train_mask_prompt_fraction": 0.5,
 }
 #: options that are shares of the training samples, from 0 to 1

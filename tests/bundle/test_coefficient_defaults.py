@@ -36,6 +36,9 @@ def test_the_library_defaults_are_the_bundle_defaults():
     assert config["coefficient_parametrization"] == DEFAULT_COEFFICIENT_PARAMETRIZATION
     assert config["coefficient_weight_decay"] == 0.0
     assert TRAIN_OPTIONS["coefficient_learning_rate"] == DEFAULT_COEFFICIENT_LEARNING_RATE
+    for prompts in ("train_click_fraction", "train_mask_prompt_fraction"):  # Slicer's Train button trains the same
+        assert TRAIN_OPTIONS[prompts] == config[prompts]
+    assert (config["train_click_fraction"], config["train_mask_prompt_fraction"]) == (0.25, 0.5), "models answer clicks"
 
 
 def test_the_optimizer_has_a_coefficient_group_overridable_from_the_command_line(tmp_path: Path, small_dataset):

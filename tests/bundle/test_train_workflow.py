@@ -235,7 +235,7 @@ def test_training_with_clicks_and_mask_prompts_together(tmp_path, small_dataset)
 
 def test_training_with_mask_prompts(tmp_path, small_dataset):
     """train_mask_prompt_fraction: neighbours' masks reach the network as mask prompts, and the checkpoint says so."""
-    workflow = _train(tmp_path, small_dataset, train_mask_prompt_fraction=1.0)
+    workflow = _train(tmp_path, small_dataset, train_click_fraction=0.0, train_mask_prompt_fraction=1.0)
     prompts = []
     network = workflow.parser.get_parsed_content("network")
     network.register_forward_hook(lambda module, a, kw, out: prompts.append(kw.get("mask_prompt")), with_kwargs=True)
