@@ -24,6 +24,7 @@ pytest.importorskip("monailabel")
 
 from samparser_monai.export import read_coefficient_checkpoint  # noqa: E402
 from samparser_monai.label.server_app import APP_DIR  # noqa: E402
+from samparser_monai.label.training import TRAIN_OPTIONS  # noqa: E402
 
 HIPPOCAMPUS = Path(__file__).resolve().parents[3] / "shared" / "data" / "msd_hippocampus"
 pytestmark = [
@@ -246,12 +247,13 @@ def test_train_button_publishes_a_checkpoint_the_infer_task_then_serves(tiny_ser
     assert stats["published"] == str(published) and stats["train_cases"] == 2 and stats["val_cases"] == 1
     after = _infer(url, case, small_roi, output="json")
     assert after.status_code == 200 and after.json()["checkpoint"] == str(published), "reloaded after training"
+    assert state["training_prompts"]["click_fraction"] == TRAIN_OPTIONS["train_click_fraction"] > 0
     click = {"foreground": [[15, 20, 12]]}
-    as_boxes = _infer(url, case, click, output="json")
-    assert as_boxes.status_code == 200 and as_boxes.json()["prompt"] == "propagate", "box-trained: a box per click"
-    state["training_prompts"] = {"click_fraction": 0.5, "mask_prompt_fraction": 0.0}  # as if trained with clicks
-    time.sleep(0.01)
-    torch.save(state, published)
     as_clicks = _infer(url, case, click, output="json")
     assert as_clicks.status_code == 200, as_clicks.text
-    assert as_clicks.json()["prompt"] == "points", "a model trained with clicks gets the clicks"
+    assert as_clicks.json()["prompt"] == "points", "trained with the default click share: it gets the clicks"
+    state["training_prompts"] = {"click_fraction": 0.0, "mask_prompt_fraction": 0.5}  # as if trained without clicks
+    time.sleep(0.01)
+    torch.save(state, published)
+    as_boxes = _infer(url, case, click, output="json")
+    assert as_boxes.status_code == 200 and as_boxes.json()["prompt"] == "propagate", "trained on boxes: a box per click"
